@@ -1,0 +1,80 @@
+"""Tiny real transformers models built from configs, and heads with known behaviour."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from transformers import (
+    AutoModelForCausalLM,
+    GPT2Config,
+    LlamaConfig,
+    MistralConfig,
+    Qwen2Config,
+)
+
+VOCAB = 96
+EOS = 2
+PAD = 0
+FAMILIES = ("llama", "mistral", "qwen2", "gpt2")
+
+
+def tiny_config(family: str, attn: str = "sdpa", **overrides):
+    common = dict(vocab_size=VOCAB, bos_token_id=1, eos_token_id=EOS, pad_token_id=PAD)
+    if family == "gpt2":
+        cfg = GPT2Config(n_embd=32, n_layer=2, n_head=4, n_positions=256, **common)
+    else:
+        cls = {"llama": LlamaConfig, "mistral": MistralConfig, "qwen2": Qwen2Config}[family]
+        extra = {"sliding_window": None} if family in ("mistral", "qwen2") else {}
+        cfg = cls(
+            hidden_size=32,
+            intermediate_size=64,
+            num_hidden_layers=2,
+            num_attention_heads=4,
+            num_key_value_heads=2,
+            max_position_embeddings=256,
+            **extra,
+            **common,
+        )
+    for key, value in overrides.items():
+        setattr(cfg, key, value)
+    cfg._attn_implementation = attn
+    return cfg
+
+
+def tiny_model(family: str = "llama", attn: str = "sdpa", seed: int = 0, **overrides):
+    torch.manual_seed(seed)
+    model = AutoModelForCausalLM.from_config(tiny_config(family, attn, **overrides), attn_implementation=attn)
+    model.generation_config.pad_token_id = PAD
+    model.generation_config.eos_token_id = EOS
+    return model.eval()
+
+
+def make_head(hidden_size: int, bias: float = 0.0, scale: float = 1.0, seed: int = 1):
+    """A ValueHead with random weights; `bias` shifts every logit (-50 gives a head that never fires)."""
+    from vsteer_hf.head import ValueHead
+
+    torch.manual_seed(seed)
+    head = ValueHead(hidden_size)
+    with torch.no_grad():
+        for module in head:
+            if isinstance(module, torch.nn.Linear):
+                module.weight.mul_(scale)
+        head[4].bias.fill_(bias)
+    return head.eval().requires_grad_(False)
+
+
+def batch_inputs(batch: int, seed: int = 3, length: int = 6):
+    """Left-padded prompts: row i has `length - i` real tokens."""
+    g = torch.Generator().manual_seed(seed)
+    ids = torch.randint(3, VOCAB, (batch, length), generator=g)
+    mask = torch.ones(batch, length, dtype=torch.long)
+    for row in range(batch):
+        pad = min(row, length - 1)
+        ids[row, :pad] = PAD
+        mask[row, :pad] = 0
+    return ids, mask
+
+
+@pytest.fixture
+def llama():
+    return tiny_model("llama")
