@@ -78,3 +78,35 @@ def batch_inputs(batch: int, seed: int = 3, length: int = 6):
 @pytest.fixture
 def llama():
     return tiny_model("llama")
+
+
+WORDS = [f"w{i}" for i in range(3, VOCAB)]
+CHAT_TEMPLATE = (
+    "{% for m in messages %}<s> {{ m['role'] }} {{ m['content'] }} </s> {% endfor %}"
+    "{% if add_generation_prompt %}<s> assistant {% endif %}"
+)
+
+
+def tiny_tokenizer():
+    """A word-level fast tokenizer over the tiny vocabulary: no hub, real transformers class."""
+    from tokenizers import Tokenizer, models, pre_tokenizers
+    from transformers import PreTrainedTokenizerFast
+
+    vocab = {"[PAD]": PAD, "<s>": 1, "</s>": EOS, **{w: i + 3 for i, w in enumerate(WORDS)}}
+    vocab["user"], vocab["assistant"] = vocab["w3"], vocab["w4"]
+    backend = Tokenizer(models.WordLevel(vocab=vocab, unk_token="w5"))
+    backend.pre_tokenizer = pre_tokenizers.WhitespaceSplit()
+    tok = PreTrainedTokenizerFast(
+        tokenizer_object=backend, pad_token="[PAD]", bos_token="<s>", eos_token="</s>", unk_token="w5"
+    )
+    tok.chat_template = CHAT_TEMPLATE
+    return tok
+
+
+@pytest.fixture
+def model_dir(tmp_path):
+    """A tiny Llama and its tokenizer saved to a local folder, as from_pretrained expects."""
+    folder = tmp_path / "tiny-llama"
+    tiny_model("llama").save_pretrained(folder)
+    tiny_tokenizer().save_pretrained(folder)
+    return folder

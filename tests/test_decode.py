@@ -87,7 +87,9 @@ def _reference_vfd(model, head, ids, mask, k, threshold, steps, sample, seed):
             ext_ids = torch.cat([ids, cands[:, j : j + 1]], -1)
             ext_mask = torch.cat([mask, torch.ones_like(mask[:, :1])], -1)
             ext_pos = (ext_mask.cumsum(-1) - 1).clamp(min=0)
-            out = model(input_ids=ext_ids, attention_mask=ext_mask, position_ids=ext_pos, output_hidden_states=True)
+            out = model(
+                input_ids=ext_ids, attention_mask=ext_mask, position_ids=ext_pos, output_hidden_states=True
+            )
             risks[:, j] = head.p(out.hidden_states[-1][:, -1])
         thr = torch.full((ids.shape[0],), threshold)
         win = policy.select_candidates(risks, thr)
@@ -142,7 +144,9 @@ def test_candidate_hidden_states_equal_plain_decode(path, static):
         ext_ids = torch.cat([ids, cands[:, j : j + 1]], -1)
         ext_mask = torch.cat([mask, torch.ones_like(mask[:, :1])], -1)
         ext_pos = (ext_mask.cumsum(-1) - 1).clamp(min=0)
-        ref = model(input_ids=ext_ids, attention_mask=ext_mask, position_ids=ext_pos, output_hidden_states=True)
+        ref = model(
+            input_ids=ext_ids, attention_mask=ext_mask, position_ids=ext_pos, output_hidden_states=True
+        )
         torch.testing.assert_close(hidden[:, j], ref.hidden_states[-1][:, -1], atol=1e-4, rtol=1e-4)
 
 
@@ -152,15 +156,22 @@ def test_continuing_from_returned_cache_matches_plain_generate():
     ids, mask = batch_inputs(2)
     steer = ValueSteerConfig(head=head, threshold=0.5, num_candidates=4)
     first = model.generate(
-        input_ids=ids, attention_mask=mask, max_new_tokens=5, eos_token_id=None,
-        value_steer=steer, return_dict_in_generate=True,
+        input_ids=ids,
+        attention_mask=mask,
+        max_new_tokens=5,
+        eos_token_id=None,
+        value_steer=steer,
+        return_dict_in_generate=True,
     )
     seq = first.sequences
     full_mask = torch.cat([mask, torch.ones(2, 5, dtype=mask.dtype)], -1)
     assert first.past_key_values.get_seq_length() == seq.shape[1] - 1
     cont = model.generate(
-        input_ids=seq, attention_mask=full_mask, past_key_values=first.past_key_values,
-        max_new_tokens=4, eos_token_id=None,
+        input_ids=seq,
+        attention_mask=full_mask,
+        past_key_values=first.past_key_values,
+        max_new_tokens=4,
+        eos_token_id=None,
     )
     fresh = model.generate(input_ids=seq, attention_mask=full_mask, max_new_tokens=4, eos_token_id=None)
     assert torch.equal(cont, fresh)
@@ -172,8 +183,12 @@ def test_outputs_shapes_and_trace():
     ids, mask = batch_inputs(3)
     steer = ValueSteerConfig(head=head, threshold=[0.2, 0.5, 0.9], num_candidates=4, trace_candidates=True)
     out = model.generate(
-        input_ids=ids, attention_mask=mask, max_new_tokens=6, eos_token_id=None,
-        value_steer=steer, return_dict_in_generate=True,
+        input_ids=ids,
+        attention_mask=mask,
+        max_new_tokens=6,
+        eos_token_id=None,
+        value_steer=steer,
+        return_dict_in_generate=True,
     )
     assert out.value_scores.shape == (3, 6)
     assert out.interventions.shape == (3, 6)
@@ -203,8 +218,14 @@ def test_streamer_receives_prompt_then_every_committed_token():
     ids, mask = batch_inputs(1)
     streamer = _Collect()
     steer = ValueSteerConfig(head=make_head(32, scale=4.0), threshold=0.5, num_candidates=4)
-    out = model.generate(input_ids=ids, attention_mask=mask, max_new_tokens=5, eos_token_id=None,
-                         value_steer=steer, streamer=streamer)
+    out = model.generate(
+        input_ids=ids,
+        attention_mask=mask,
+        max_new_tokens=5,
+        eos_token_id=None,
+        value_steer=steer,
+        streamer=streamer,
+    )
     assert streamer.ended
     streamed = torch.cat([c.reshape(-1) for c in streamer.chunks[1:]])
     assert torch.equal(streamed, out[0, ids.shape[1] :])
@@ -215,9 +236,17 @@ def test_eos_stops_rows_and_pads_the_rest():
     ids, mask = batch_inputs(3)
     steer = ValueSteerConfig(head=make_head(32, bias=-50.0), threshold=0.5, num_candidates=4)
     # make EOS the natural greedy choice after two tokens by biasing the lm_head
-    plain = model.generate(input_ids=ids, attention_mask=mask, max_new_tokens=6, eos_token_id=[EOS, 7, 11, 13])
-    steered = model.generate(input_ids=ids, attention_mask=mask, max_new_tokens=6, eos_token_id=[EOS, 7, 11, 13],
-                             value_steer=steer, return_dict_in_generate=True)
+    plain = model.generate(
+        input_ids=ids, attention_mask=mask, max_new_tokens=6, eos_token_id=[EOS, 7, 11, 13]
+    )
+    steered = model.generate(
+        input_ids=ids,
+        attention_mask=mask,
+        max_new_tokens=6,
+        eos_token_id=[EOS, 7, 11, 13],
+        value_steer=steer,
+        return_dict_in_generate=True,
+    )
     assert torch.equal(plain, steered.sequences)
     finished_early = (steered.sequences[:, ids.shape[1] :] == PAD).any(-1)
     if finished_early.any():
@@ -229,8 +258,12 @@ def test_abstention_ends_exactly_the_rows_that_crossed():
     head = make_head(32, scale=4.0)
     ids, mask = batch_inputs(4)
     probe = model.generate(
-        input_ids=ids, attention_mask=mask, max_new_tokens=NEW_TOKENS, eos_token_id=EOS,
-        value_steer=ValueSteerConfig(head=head, threshold=1.0, mode="abstain"), return_dict_in_generate=True,
+        input_ids=ids,
+        attention_mask=mask,
+        max_new_tokens=NEW_TOKENS,
+        eos_token_id=EOS,
+        value_steer=ValueSteerConfig(head=head, threshold=1.0, mode="abstain"),
+        return_dict_in_generate=True,
     )
     assert not probe.abstained.any()
     pos = (mask.cumsum(-1) - 1).clamp(min=0)
@@ -241,8 +274,12 @@ def test_abstention_ends_exactly_the_rows_that_crossed():
     row_max = deciding.max(dim=1).values.sort().values
     threshold = float((row_max[1] + row_max[2]) / 2)  # two rows cross, two never do
     out = model.generate(
-        input_ids=ids, attention_mask=mask, max_new_tokens=NEW_TOKENS, eos_token_id=EOS,
-        value_steer=ValueSteerConfig(head=head, threshold=threshold, mode="abstain"), return_dict_in_generate=True,
+        input_ids=ids,
+        attention_mask=mask,
+        max_new_tokens=NEW_TOKENS,
+        eos_token_id=EOS,
+        value_steer=ValueSteerConfig(head=head, threshold=threshold, mode="abstain"),
+        return_dict_in_generate=True,
     )
     prompt_len = ids.shape[1]
     for row in range(4):
@@ -253,7 +290,9 @@ def test_abstention_ends_exactly_the_rows_that_crossed():
         gen = out.sequences[row, prompt_len:]
         if expected_step != -1:
             assert int(gen[expected_step]) == EOS
-            assert torch.equal(gen[:expected_step], probe.sequences[row, prompt_len : prompt_len + expected_step])
+            assert torch.equal(
+                gen[:expected_step], probe.sequences[row, prompt_len : prompt_len + expected_step]
+            )
         else:
             assert torch.equal(gen, probe.sequences[row, prompt_len:])
     assert int(out.abstained.sum()) == 2
@@ -263,8 +302,14 @@ def test_abstention_on_the_prompt_state_ends_before_the_first_token():
     model = enable_value_steer(tiny_model("llama"))
     ids, mask = batch_inputs(2)
     steer = ValueSteerConfig(head=make_head(32, bias=50.0), threshold=0.5, mode="abstain")
-    out = model.generate(input_ids=ids, attention_mask=mask, max_new_tokens=5, eos_token_id=EOS,
-                         value_steer=steer, return_dict_in_generate=True)
+    out = model.generate(
+        input_ids=ids,
+        attention_mask=mask,
+        max_new_tokens=5,
+        eos_token_id=EOS,
+        value_steer=steer,
+        return_dict_in_generate=True,
+    )
     assert out.abstained.all()
     assert (out.abstain_step == 0).all()
     assert (out.sequences[:, ids.shape[1]] == EOS).all()
@@ -277,10 +322,18 @@ def test_unsupported_modes_fail_clearly():
     with pytest.raises(ValueError, match="num_beams"):
         model.generate(input_ids=ids, attention_mask=mask, num_beams=2, max_new_tokens=3, value_steer=steer)
     with pytest.raises(ValueError, match="assisted"):
-        model.generate(input_ids=ids, attention_mask=mask, assistant_model=model, max_new_tokens=3, value_steer=steer)
+        model.generate(
+            input_ids=ids, attention_mask=mask, assistant_model=model, max_new_tokens=3, value_steer=steer
+        )
     with pytest.raises(ValueError, match="output_attentions"):
-        model.generate(input_ids=ids, attention_mask=mask, output_attentions=True, return_dict_in_generate=True,
-                       max_new_tokens=3, value_steer=steer)
+        model.generate(
+            input_ids=ids,
+            attention_mask=mask,
+            output_attentions=True,
+            return_dict_in_generate=True,
+            max_new_tokens=3,
+            value_steer=steer,
+        )
     with pytest.raises(TypeError, match="ValueSteerConfig"):
         model.generate(input_ids=ids, max_new_tokens=3, value_steer={"threshold": 0.3})
 
@@ -305,8 +358,11 @@ def test_enable_is_in_place_reversible_and_keeps_architecture(tmp_path):
     disable_value_steer(model)
     assert type(model) is original
     with pytest.raises(ValueError, match="model_kwargs"):
-        model.generate(input_ids=torch.tensor([[5, 6]]), max_new_tokens=2, value_steer=ValueSteerConfig(
-            head=make_head(32), threshold=0.5))
+        model.generate(
+            input_ids=torch.tensor([[5, 6]]),
+            max_new_tokens=2,
+            value_steer=ValueSteerConfig(head=make_head(32), threshold=0.5),
+        )
 
 
 def test_sliding_window_model_uses_expand_and_still_matches_plain_generate():
@@ -316,4 +372,69 @@ def test_sliding_window_model_uses_expand_and_still_matches_plain_generate():
     steer = ValueSteerConfig(head=head, threshold=0.5, num_candidates=4)
     _assert_same_as_plain(model, ids, mask, steer, sample=False)
     with pytest.raises(ValueError, match="sliding window"):
-        _generate(model, ids, mask, steer=ValueSteerConfig(head=head, threshold=0.5, candidate_forward="tree"))
+        _generate(
+            model, ids, mask, steer=ValueSteerConfig(head=head, threshold=0.5, candidate_forward="tree")
+        )
+
+
+@pytest.mark.parametrize("sample", [False, True])
+def test_abstention_processor_on_stock_generate_matches_the_steered_loop(sample):
+    from vsteer_hf.hf.abstain import ValueAbstentionProcessor
+
+    model = enable_value_steer(tiny_model("llama"))
+    head = make_head(32, scale=4.0)
+    ids, mask = batch_inputs(4)
+    kw = dict(
+        input_ids=ids, attention_mask=mask, max_new_tokens=NEW_TOKENS, eos_token_id=EOS, do_sample=sample
+    )
+    torch.manual_seed(0)
+    probe = model.generate(
+        **kw,
+        value_steer=ValueSteerConfig(head=head, threshold=1.0, mode="abstain"),
+        return_dict_in_generate=True,
+    )
+    threshold = float(probe.value_scores[:, :-1].nan_to_num(0).max(dim=1).values.median())
+    torch.manual_seed(0)
+    steered = model.generate(
+        **kw,
+        value_steer=ValueSteerConfig(head=head, threshold=threshold, mode="abstain"),
+        return_dict_in_generate=True,
+    )
+    plain_model = disable_value_steer(model)
+    with ValueAbstentionProcessor(plain_model, head, threshold) as processor:
+        torch.manual_seed(0)
+        stock = plain_model.generate(**kw, logits_processor=[processor])
+    assert torch.equal(stock, steered.sequences)
+    assert torch.equal(processor.abstained, steered.abstained)
+    assert torch.equal(processor.abstain_step, steered.abstain_step)
+    assert steered.abstained.any()
+
+
+def test_custom_generate_callable_matches_enabled_model():
+    from vsteer_hf.hf.custom_generate import steered_generate
+
+    model = tiny_model("llama")
+    head = make_head(32, scale=4.0)
+    ids, mask = batch_inputs(3)
+    steer = ValueSteerConfig(head=head, threshold=0.5, num_candidates=4)
+    via_custom = model.generate(
+        input_ids=ids,
+        attention_mask=mask,
+        max_new_tokens=6,
+        eos_token_id=None,
+        custom_generate=steered_generate,
+        value_steer=steer,
+        return_dict_in_generate=True,
+    )
+    enabled = enable_value_steer(model)
+    via_enable = enabled.generate(
+        input_ids=ids,
+        attention_mask=mask,
+        max_new_tokens=6,
+        eos_token_id=None,
+        value_steer=steer,
+        return_dict_in_generate=True,
+    )
+    assert torch.equal(via_custom.sequences, via_enable.sequences)
+    assert torch.equal(via_custom.interventions, via_enable.interventions)
+    assert via_enable.interventions.any()

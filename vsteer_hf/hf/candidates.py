@@ -174,7 +174,9 @@ class CandidateForward:
             hidden = out.last_hidden_state  # (B, K, H)
             layers = out.hidden_states if self.output_hidden_states else None
         else:
-            flat_mask = torch.cat([prefix_mask, prefix_mask.new_ones(b, 1)], dim=1).repeat_interleave(k, dim=0)
+            flat_mask = torch.cat([prefix_mask, prefix_mask.new_ones(b, 1)], dim=1).repeat_interleave(
+                k, dim=0
+            )
             out = self.decoder(
                 input_ids=candidates.reshape(b * k, 1),
                 attention_mask=flat_mask,

@@ -86,7 +86,9 @@ def value_steered_sample(
 ) -> ValueSteerOutput | torch.LongTensor:
     """Value-filtered decoding / dynamic abstention with generate's prepared processors and criteria."""
     if synced_gpus:
-        raise ValueError("value steering does not support synced_gpus (FSDP / ZeRO-3); generate on one replica.")
+        raise ValueError(
+            "value steering does not support synced_gpus (FSDP / ZeRO-3); generate on one replica."
+        )
     if generation_config.output_attentions:
         raise ValueError(
             "output_attentions is not supported with value steering: the candidate forward's attention "
@@ -102,7 +104,9 @@ def value_steered_sample(
     if pad_token_id is not None:
         pad_token_id = pad_token_id.to(input_ids.device)
     if steer.mode == "abstain" and eos_ids is None:
-        raise ValueError("abstention ends rows with EOS, but the generation config has no eos_token_id. Set one.")
+        raise ValueError(
+            "abstention ends rows with EOS, but the generation config has no eos_token_id. Set one."
+        )
     return_dict = generation_config.return_dict_in_generate
     output_scores = generation_config.output_scores
     output_logits = generation_config.output_logits
@@ -215,11 +219,15 @@ def value_steered_sample(
             cand_steps.append(candidates)
             cand_risk_steps.append(torch.where(live[:, None], risks, float("nan")).to(input_ids.device))
         if hidden_steps is not None and layer_states is not None:
-            hidden_steps += (tuple(policy.gather_selected(s, winner.to(s.device))[:, None] for s in layer_states),)
+            hidden_steps += (
+                tuple(policy.gather_selected(s, winner.to(s.device))[:, None] for s in layer_states),
+            )
         if steer.mode == "abstain":
             abstain_pending = policy.crossed(winner_risk, thresholds, steer.direction)
 
-        next_logits = output_embedding_logits(model, winner_hidden).to(dtype=torch.float32, device=input_ids.device)
+        next_logits = output_embedding_logits(model, winner_hidden).to(
+            dtype=torch.float32, device=input_ids.device
+        )
         input_ids = torch.cat([input_ids, next_tokens[:, None]], dim=-1)
         prefix_mask = torch.cat([prefix_mask, prefix_mask.new_ones(batch, 1)], dim=-1)
         if streamer is not None:

@@ -85,7 +85,12 @@ class ValueSteerMixin:
         )
 
     def _prepare_cache_for_generation(
-        self, generation_config: Any, model_kwargs: dict, generation_mode: Any, batch_size: int, max_cache_length: int
+        self,
+        generation_config: Any,
+        model_kwargs: dict,
+        generation_mode: Any,
+        batch_size: int,
+        max_cache_length: int,
     ) -> Any:
         # A static cache must hold the K candidate slots of the last step too.
         state = _ACTIVE.get()
@@ -136,11 +141,15 @@ def enable_value_steer(model: Any) -> Any:
             "causal LMs (AutoModelForCausalLM)."
         )
     if model.get_output_embeddings() is None:
-        raise ValueError(f"{type(model).__name__} has no output embedding (lm_head); load it with AutoModelForCausalLM.")
+        raise ValueError(
+            f"{type(model).__name__} has no output embedding (lm_head); load it with AutoModelForCausalLM."
+        )
     cls = type(model)
     if cls not in _SUBCLASSES:
         _SUBCLASSES[cls] = type(
-            cls.__name__, (ValueSteerMixin, cls), {"__module__": cls.__module__, "_vsteer_original_class": cls}
+            cls.__name__,
+            (ValueSteerMixin, cls),
+            {"__module__": cls.__module__, "_vsteer_original_class": cls},
         )
     model.__class__ = _SUBCLASSES[cls]
     return model

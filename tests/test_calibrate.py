@@ -1,0 +1,229 @@
+"""Conformal and martingale thresholds: hand examples, exact definitions, coverage on synthetic data."""
+
+import itertools
+import math
+from fractions import Fraction
+
+import numpy as np
+import pytest
+import torch
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+from vsteer_hf.train.calibrate import (
+    DEFAULT_ALPHAS,
+    calibration_report,
+    conformal_curve,
+    conformal_rank,
+    conformal_threshold,
+    false_intervention_rate,
+    martingale_risk_threshold,
+    martingale_scores,
+    martingale_threshold,
+    max_over_trajectory,
+    ville_threshold,
+    wilson_interval,
+)
+
+NINE = [0.5, 0.1, 0.9, 0.3, 0.7, 0.2, 0.8, 0.4, 0.6]  # n = 9, shuffled 0.1 .. 0.9
+
+
+@pytest.mark.parametrize(
+    ("alpha", "k", "expected"),
+    [
+        (0.1, 9, 0.9),  # ⌈10 * 0.9⌉ = 9 -> 9th smallest = the max
+        (0.2, 8, 0.8),  # ⌈10 * 0.8⌉ = 8
+        (0.3, 7, 0.7),  # ⌈10 * 0.7⌉ = 7
+        (0.7, 3, 0.3),  # ⌈10 * 0.3⌉ = 3 (10 * (1 - 0.7) is 3.0000000000000004 in floats)
+        (0.5, 5, 0.5),  # ⌈10 * 0.5⌉ = 5
+        (0.15, 9, 0.9),  # ⌈8.5⌉ = 9
+        (0.05, 10, 1.0),  # ⌈9.5⌉ = 10 > n: never intervene
+    ],
+)
+def test_conformal_threshold_n9_hand(alpha, k, expected):
+    assert conformal_rank(9, alpha) == k
+    assert conformal_threshold(NINE, alpha) == pytest.approx(expected)
+
+
+def test_tiny_n_edge_cases():
+    assert conformal_threshold([0.42], 0.5) == 0.42  # ⌈2 * 0.5⌉ = 1
+    assert conformal_threshold([0.42], 0.4) == 1.0  # ⌈1.2⌉ = 2 > 1
+    assert conformal_threshold([0.2, 0.4, 0.6], 0.1) == 1.0  # ⌈3.6⌉ = 4 > 3
+    assert conformal_threshold(torch.tensor([0.2, 0.4, 0.6]), 0.25) == pytest.approx(0.6)  # ⌈3⌉ = 3
+    with pytest.raises(ValueError, match="no safe calibration examples"):
+        conformal_threshold([], 0.1)
+    with pytest.raises(ValueError, match="alpha"):
+        conformal_threshold([0.1], 0.0)
+    with pytest.raises(ValueError, match=r"\[0, 1\]"):
+        conformal_threshold([1.5], 0.1)
+    with pytest.raises(ValueError, match="NaN"):
+        conformal_threshold([float("nan")], 0.1)
+
+
+def test_rank_has_no_float_off_by_one():
+    for n in range(1, 400):
+        for a in (*DEFAULT_ALPHAS, 0.3, 0.7, 0.85, 0.95, 0.001):
+            exact = math.ceil((n + 1) * (1 - Fraction(str(a))))
+            assert conformal_rank(n, a) == exact, (n, a)
+
+
+risk_lists = st.lists(
+    st.sampled_from([0.0, 0.05, 0.1, 0.3, 0.5, 0.5, 0.8, 0.99, 1.0]), min_size=1, max_size=40
+)
+alphas = st.sampled_from([0.01, 0.05, 0.1, 0.2, 0.25, 0.3, 0.5, 0.9])
+
+
+@settings(max_examples=200, deadline=None)
+@given(risks=risk_lists, alpha=alphas)
+def test_threshold_is_the_smallest_score_with_enough_mass_below(risks, alpha):
+    """ĉ = min{s in scores : #{S_i <= s} / (n+1) >= 1 - α}, else 1.0; ties included."""
+    n, a = len(risks), Fraction(str(alpha))
+    ok = [s for s in risks if Fraction(sum(r <= s for r in risks), n + 1) >= 1 - a]
+    thr = conformal_threshold(risks, alpha)
+    assert thr == (min(ok) if ok else 1.0)
+    # in-sample: at most (n+1)α - 1 calibration scores lie strictly above the threshold
+    assert sum(r > thr for r in risks) <= (n + 1) * a - 1 or thr == 1.0
+
+
+@settings(max_examples=100, deadline=None)
+@given(risks=risk_lists)
+def test_curve_is_non_increasing_in_alpha(risks):
+    curve = conformal_curve(risks)
+    values = [curve[a] for a in sorted(curve)]
+    assert list(curve) == list(DEFAULT_ALPHAS)
+    assert all(x >= y for x, y in itertools.pairwise(values))
+    priors = [0.3] * len(risks)
+    mcurve = conformal_curve(risks, method="martingale", priors=priors)
+    mvalues = [mcurve[a] for a in sorted(mcurve)]
+    assert all(x >= y for x, y in itertools.pairwise(mvalues))
+
+
+def _synthetic_pool(n_examples: int, seed: int) -> torch.Tensor:
+    """Max risks of safe generations: random-walk logit trajectories of random length, right-padded."""
+    g = torch.Generator().manual_seed(seed)
+    steps = torch.randn(n_examples, 32, generator=g, dtype=torch.float64) * 0.4
+    logits = -2.0 + steps.cumsum(dim=1)  # (N, T)
+    lengths = torch.randint(1, 33, (n_examples,), generator=g)
+    mask = torch.arange(32)[None, :] < lengths[:, None]  # (N, T)
+    return max_over_trajectory(torch.sigmoid(logits), mask)  # (N,)
+
+
+@pytest.mark.parametrize(("n", "alpha"), [(19, 0.1), (49, 0.05), (30, 0.2), (99, 0.1)])
+def test_coverage_over_random_splits_is_valid_and_tight(n, alpha):
+    pool = _synthetic_pool(600, seed=n).numpy()
+    assert np.unique(pool).size == pool.size  # tie-free, so the exact rate is (n+1-k)/(n+1)
+    rng = np.random.default_rng(n)
+    rates = []
+    for _ in range(600):
+        perm = rng.permutation(pool.size)
+        calib, held = pool[perm[:n]], pool[perm[n:]]
+        rates.append(false_intervention_rate(held, conformal_threshold(calib, alpha)))
+    mean = float(np.mean(rates))
+    k = conformal_rank(n, alpha)
+    exact = (n + 1 - k) / (n + 1)
+    assert alpha - 1 / (n + 1) <= exact <= alpha
+    assert mean == pytest.approx(exact, abs=0.01)  # Monte Carlo s.e. here is < 0.003
+    assert alpha - 1 / (n + 1) - 0.01 <= mean <= alpha + 0.01
+
+
+def test_coverage_holds_with_ties():
+    """Risks rounded to 0.05 have many ties; the strict rule `risk > threshold` keeps the bound."""
+    pool = np.round(_synthetic_pool(600, seed=7).numpy() * 20) / 20
+    rng = np.random.default_rng(7)
+    for alpha in (0.05, 0.1, 0.3):
+        rates = []
+        for _ in range(400):
+            perm = rng.permutation(pool.size)
+            rates.append(
+                false_intervention_rate(pool[perm[40:]], conformal_threshold(pool[perm[:40]], alpha))
+            )
+        assert np.mean(rates) <= alpha + 0.01
+
+
+def test_false_intervention_rate_is_strict():
+    assert false_intervention_rate([0.2, 0.5, 0.5, 0.9], 0.5) == 0.25
+    assert false_intervention_rate([1.0, 1.0], 1.0) == 0.0  # the k > n answer never fires
+
+
+def test_max_over_trajectory_masks_and_empty_rows():
+    risks = torch.tensor([[0.1, 0.9, 0.3], [0.2, 0.4, 0.99], [0.7, 0.8, 0.9]])
+    mask = torch.tensor([[1, 1, 1], [1, 1, 0], [0, 0, 0]])
+    assert torch.allclose(max_over_trajectory(risks, mask), torch.tensor([0.9, 0.4, 0.0]))
+    assert torch.allclose(max_over_trajectory(risks), torch.tensor([0.9, 0.99, 0.9]))
+    assert max_over_trajectory(risks, mask, empty=-1.0)[2] == -1.0
+
+
+def test_martingale_hand_computed():
+    # prior 1/2 -> M = p / (1 - p): 0.9 -> 9, 0.6 -> 1.5, 0.75 -> 3
+    risks = [0.9, 0.6, 0.75]
+    assert np.allclose(martingale_scores(risks, 0.5), [9.0, 1.5, 3.0])
+    assert martingale_threshold(risks, 0.5, 0.25) == pytest.approx(9.0)  # ⌈4 * 0.75⌉ = 3
+    assert martingale_threshold(risks, 0.5, 0.5) == pytest.approx(3.0)  # ⌈2⌉ = 2
+    assert martingale_threshold(risks, 0.5, 0.1) == math.inf  # ⌈3.6⌉ = 4 > 3
+    # prior 0.2 (odds 1/4) on a risk of 0.5 (odds 1): M = 4; saturated risks stay finite
+    assert martingale_scores([0.5], [0.2])[0] == pytest.approx(4.0)
+    assert np.isfinite(martingale_scores([1.0], [1e-30])).all()
+    thr = martingale_risk_threshold(4.0, torch.tensor([0.2, 0.5]))
+    assert torch.allclose(thr, torch.tensor([0.5, 0.8], dtype=torch.float64))
+    assert martingale_risk_threshold(math.inf, [0.3]).item() == 1.0
+
+
+def test_martingale_with_one_prior_makes_the_same_decisions_as_conformal():
+    pool = _synthetic_pool(500, seed=3).numpy()
+    calib, held = pool[:200], pool[200:]
+    for alpha in DEFAULT_ALPHAS:
+        m = martingale_threshold(calib, 0.1, alpha)
+        risk_thr = conformal_threshold(calib, alpha)
+        assert martingale_risk_threshold(m, 0.1).item() == pytest.approx(risk_thr, rel=1e-9)
+        assert np.array_equal(martingale_scores(held, 0.1) > m, held > risk_thr)
+
+
+def _exact_posterior_safe_runs(n: int, seed: int) -> tuple[np.ndarray, np.ndarray]:
+    """Safe generations scored by an exact posterior: prior p0 per prompt, tokens i.i.d.
+    Bernoulli(0.4) if safe / 0.6 if unsafe, p_t = P(unsafe | tokens so far). Returns (max risk, p0)."""
+    rng = np.random.default_rng(seed)
+    p0 = rng.uniform(0.05, 0.6, size=n)
+    tokens = rng.random((n, 64)) < 0.4  # drawn under the safe hypothesis
+    llr = np.where(tokens, math.log(0.6 / 0.4), math.log(0.4 / 0.6))  # per-token log likelihood ratio
+    logit_p = np.log(p0 / (1 - p0))[:, None] + llr.cumsum(axis=1)
+    return (1 / (1 + np.exp(-logit_p))).max(axis=1), p0
+
+
+def test_ville_is_anytime_valid_and_more_conservative_than_calibration_for_an_exact_posterior():
+    max_risk, p0 = _exact_posterior_safe_runs(6000, seed=0)
+    calib, held = slice(0, 3000), slice(3000, None)
+    held_scores = martingale_scores(max_risk[held], p0[held])
+    for alpha in (0.05, 0.1, 0.2):
+        assert false_intervention_rate(held_scores, ville_threshold(alpha)) <= alpha
+        calibrated = martingale_threshold(max_risk[calib], p0[calib], alpha)
+        assert calibrated <= ville_threshold(alpha)
+        assert false_intervention_rate(held_scores, calibrated) <= alpha + 0.015
+
+
+def test_report_rows():
+    pool = _synthetic_pool(700, seed=11).numpy()
+    rows = calibration_report(pool[:200], pool[200:], alphas=(0.05, 0.1))
+    assert [r["alpha"] for r in rows] == [0.05, 0.1]
+    for r in rows:
+        assert r["threshold"] == conformal_threshold(pool[:200], r["alpha"])
+        assert r["n_calib"] == 200 and r["n_heldout"] == 500
+        assert r["false_intervention_rate"] == r["false_interventions"] / 500
+        assert r["wilson_low"] <= r["false_intervention_rate"] <= r["wilson_high"]
+        assert r["stderr"] == pytest.approx(
+            math.sqrt(r["false_intervention_rate"] * (1 - r["false_intervention_rate"]) / 500)
+        )
+        assert r["expected_rate"] <= r["alpha"]
+    rows = calibration_report(pool[:200], pool[200:], (0.1,), "martingale", 0.2, 0.2)
+    assert (
+        rows[0]["false_interventions"]
+        == calibration_report(pool[:200], pool[200:], (0.1,))[0]["false_interventions"]
+    )
+    with pytest.raises(ValueError, match="priors"):
+        calibration_report(pool[:200], pool[200:], method="martingale")
+
+
+def test_wilson_interval_known_values():
+    low, high = wilson_interval(0, 10)
+    assert low == 0.0 and high == pytest.approx(0.2775, abs=1e-4)
+    low, high = wilson_interval(5, 10)
+    assert low == pytest.approx(0.2366, abs=1e-4) and high == pytest.approx(0.7634, abs=1e-4)

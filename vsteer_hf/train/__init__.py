@@ -1,0 +1,1 @@
+"""Training the value head: feature extraction, losses, trainer and threshold calibration."""
