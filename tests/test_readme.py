@@ -1,0 +1,28 @@
+"""The README quickstart runs verbatim, pointed at a tiny model and head in local folders."""
+
+from __future__ import annotations
+
+import re
+from pathlib import Path
+
+from conftest import make_head
+
+README = Path(__file__).resolve().parents[1] / "README.md"
+
+
+def _quickstart() -> str:
+    text = README.read_text()
+    section = text.split("## Quickstart", 1)[1]
+    return re.search(r"```python\n(.*?)```", section, re.S).group(1)
+
+
+def test_readme_quickstart_runs(model_dir, tmp_path, capsys):
+    head_dir = tmp_path / "head-repo"
+    make_head(32, scale=4.0).export_plugin_checkpoint(head_dir / "value_head.bin")
+    code = _quickstart()
+    code, n_model = re.subn(r'model_id = ".*?"', f'model_id = "{model_dir}"', code)
+    code, n_head = re.subn(r'head_id = ".*?"', f'head_id = "{head_dir}"', code)
+    assert n_model == n_head == 1, "the quickstart must name model_id and head_id once each"
+    exec(compile(code, "README.md quickstart", "exec"), {})
+    out = capsys.readouterr().out
+    assert "risk per token:" in out and "interventions:" in out
