@@ -87,9 +87,7 @@ def _reference_vfd(model, head, ids, mask, k, threshold, steps, sample, seed):
             ext_ids = torch.cat([ids, cands[:, j : j + 1]], -1)
             ext_mask = torch.cat([mask, torch.ones_like(mask[:, :1])], -1)
             ext_pos = (ext_mask.cumsum(-1) - 1).clamp(min=0)
-            out = model(
-                input_ids=ext_ids, attention_mask=ext_mask, position_ids=ext_pos, output_hidden_states=True
-            )
+            out = model(input_ids=ext_ids, attention_mask=ext_mask, position_ids=ext_pos, output_hidden_states=True)
             risks[:, j] = head.p(out.hidden_states[-1][:, -1])
         thr = torch.full((ids.shape[0],), threshold)
         win = policy.select_candidates(risks, thr)
@@ -144,9 +142,7 @@ def test_candidate_hidden_states_equal_plain_decode(path, static):
         ext_ids = torch.cat([ids, cands[:, j : j + 1]], -1)
         ext_mask = torch.cat([mask, torch.ones_like(mask[:, :1])], -1)
         ext_pos = (ext_mask.cumsum(-1) - 1).clamp(min=0)
-        ref = model(
-            input_ids=ext_ids, attention_mask=ext_mask, position_ids=ext_pos, output_hidden_states=True
-        )
+        ref = model(input_ids=ext_ids, attention_mask=ext_mask, position_ids=ext_pos, output_hidden_states=True)
         torch.testing.assert_close(hidden[:, j], ref.hidden_states[-1][:, -1], atol=1e-4, rtol=1e-4)
 
 
@@ -236,9 +232,7 @@ def test_eos_stops_rows_and_pads_the_rest():
     ids, mask = batch_inputs(3)
     steer = ValueSteerConfig(head=make_head(32, bias=-50.0), threshold=0.5, num_candidates=4)
     # make EOS the natural greedy choice after two tokens by biasing the lm_head
-    plain = model.generate(
-        input_ids=ids, attention_mask=mask, max_new_tokens=6, eos_token_id=[EOS, 7, 11, 13]
-    )
+    plain = model.generate(input_ids=ids, attention_mask=mask, max_new_tokens=6, eos_token_id=[EOS, 7, 11, 13])
     steered = model.generate(
         input_ids=ids,
         attention_mask=mask,
@@ -290,9 +284,7 @@ def test_abstention_ends_exactly_the_rows_that_crossed():
         gen = out.sequences[row, prompt_len:]
         if expected_step != -1:
             assert int(gen[expected_step]) == EOS
-            assert torch.equal(
-                gen[:expected_step], probe.sequences[row, prompt_len : prompt_len + expected_step]
-            )
+            assert torch.equal(gen[:expected_step], probe.sequences[row, prompt_len : prompt_len + expected_step])
         else:
             assert torch.equal(gen, probe.sequences[row, prompt_len:])
     assert int(out.abstained.sum()) == 2
@@ -322,9 +314,7 @@ def test_unsupported_modes_fail_clearly():
     with pytest.raises(ValueError, match="num_beams"):
         model.generate(input_ids=ids, attention_mask=mask, num_beams=2, max_new_tokens=3, value_steer=steer)
     with pytest.raises(ValueError, match="assisted"):
-        model.generate(
-            input_ids=ids, attention_mask=mask, assistant_model=model, max_new_tokens=3, value_steer=steer
-        )
+        model.generate(input_ids=ids, attention_mask=mask, assistant_model=model, max_new_tokens=3, value_steer=steer)
     with pytest.raises(ValueError, match="output_attentions"):
         model.generate(
             input_ids=ids,
@@ -372,9 +362,7 @@ def test_sliding_window_model_uses_expand_and_still_matches_plain_generate():
     steer = ValueSteerConfig(head=head, threshold=0.5, num_candidates=4)
     _assert_same_as_plain(model, ids, mask, steer, sample=False)
     with pytest.raises(ValueError, match="sliding window"):
-        _generate(
-            model, ids, mask, steer=ValueSteerConfig(head=head, threshold=0.5, candidate_forward="tree")
-        )
+        _generate(model, ids, mask, steer=ValueSteerConfig(head=head, threshold=0.5, candidate_forward="tree"))
 
 
 @pytest.mark.parametrize("sample", [False, True])
@@ -384,9 +372,7 @@ def test_abstention_processor_on_stock_generate_matches_the_steered_loop(sample)
     model = enable_value_steer(tiny_model("llama"))
     head = make_head(32, scale=4.0)
     ids, mask = batch_inputs(4)
-    kw = dict(
-        input_ids=ids, attention_mask=mask, max_new_tokens=NEW_TOKENS, eos_token_id=EOS, do_sample=sample
-    )
+    kw = dict(input_ids=ids, attention_mask=mask, max_new_tokens=NEW_TOKENS, eos_token_id=EOS, do_sample=sample)
     torch.manual_seed(0)
     probe = model.generate(
         **kw,
@@ -438,3 +424,46 @@ def test_custom_generate_callable_matches_enabled_model():
     assert torch.equal(via_custom.sequences, via_enable.sequences)
     assert torch.equal(via_custom.interventions, via_enable.interventions)
     assert via_enable.interventions.any()
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_traced_features_are_exactly_what_the_head_scored(dtype):
+    model = enable_value_steer(tiny_model("llama").to(dtype))
+    head = make_head(32, scale=4.0)
+    ids, mask = batch_inputs(3)
+    out = model.generate(
+        input_ids=ids,
+        attention_mask=mask,
+        max_new_tokens=6,
+        eos_token_id=None,
+        return_dict_in_generate=True,
+        value_steer=ValueSteerConfig(head=head, threshold=0.5, num_candidates=4, trace_features=True),
+    )
+    assert out.features.shape == (3, 6, 32) and out.features.dtype == torch.float32
+    torch.testing.assert_close(head.p(out.features), out.value_scores, atol=1e-6, rtol=1e-5)
+
+
+def test_sliding_window_cache_past_the_window_can_be_continued():
+    model = enable_value_steer(tiny_model("mistral", sliding_window=4))
+    head = make_head(32, scale=4.0)
+    ids, mask = batch_inputs(2)
+    first = model.generate(
+        input_ids=ids,
+        attention_mask=mask,
+        max_new_tokens=5,
+        eos_token_id=None,
+        return_dict_in_generate=True,
+        value_steer=ValueSteerConfig(head=head, threshold=0.5, num_candidates=4),
+    )
+    assert first.interventions.any()
+    seq = first.sequences
+    full_mask = torch.cat([mask, torch.ones(2, 5, dtype=mask.dtype)], -1)
+    cont = model.generate(
+        input_ids=seq,
+        attention_mask=full_mask,
+        past_key_values=first.past_key_values,
+        max_new_tokens=4,
+        eos_token_id=None,
+    )
+    fresh = model.generate(input_ids=seq, attention_mask=full_mask, max_new_tokens=4, eos_token_id=None)
+    assert torch.equal(cont, fresh)

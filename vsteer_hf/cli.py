@@ -21,39 +21,23 @@ class GenerateCommand:
     def add_arguments(self, parser: argparse.ArgumentParser) -> None:
         parser.add_argument("--model", required=True, help="hub id or local folder of a causal LM")
         parser.add_argument("--head", required=True, help="value head: file, folder or hub id")
-        parser.add_argument(
-            "--head-filename", default=None, help="file inside a head folder/repo (sub-paths allowed)"
-        )
-        parser.add_argument(
-            "--prompt", action="append", required=True, help="prompt text; repeat for a batch"
-        )
-        parser.add_argument(
-            "--chat", action="store_true", help="wrap each prompt with the tokenizer's chat template"
-        )
+        parser.add_argument("--head-filename", default=None, help="file inside a head folder/repo (sub-paths allowed)")
+        parser.add_argument("--prompt", action="append", required=True, help="prompt text; repeat for a batch")
+        parser.add_argument("--chat", action="store_true", help="wrap each prompt with the tokenizer's chat template")
         decision = parser.add_mutually_exclusive_group(required=True)
         decision.add_argument("--threshold", type=float, help="risk threshold in [0, 1] (e.g. 0.3)")
-        decision.add_argument(
-            "--alpha", type=float, help="false-intervention rate on the head's calibrated curve"
-        )
-        parser.add_argument(
-            "-k", "--num-candidates", type=int, default=None, help="candidates per step (default 8)"
-        )
+        decision.add_argument("--alpha", type=float, help="false-intervention rate on the head's calibrated curve")
+        parser.add_argument("-k", "--num-candidates", type=int, default=None, help="candidates per step (default 8)")
         parser.add_argument("--mode", choices=("vfd", "abstain"), default="vfd")
         parser.add_argument("--max-new-tokens", type=int, default=64)
-        parser.add_argument(
-            "--greedy", action="store_true", help="greedy decoding (top-K deterministic candidates)"
-        )
+        parser.add_argument("--greedy", action="store_true", help="greedy decoding (top-K deterministic candidates)")
         parser.add_argument("--temperature", type=float, default=None)
         parser.add_argument("--top-p", type=float, default=None)
         parser.add_argument("--seed", type=int, default=0)
         parser.add_argument("--device", default=None, help="e.g. cpu, cuda, or 'auto' for device_map='auto'")
         parser.add_argument("--dtype", default="auto", help="model dtype: auto, float32, bfloat16, float16")
-        parser.add_argument(
-            "--compare", action="store_true", help="also print the unsteered text and per-token risk"
-        )
-        parser.add_argument(
-            "--json", action="store_true", help="print one JSON object per prompt instead of text"
-        )
+        parser.add_argument("--compare", action="store_true", help="also print the unsteered text and per-token risk")
+        parser.add_argument("--json", action="store_true", help="print one JSON object per prompt instead of text")
 
     def run(self, args: argparse.Namespace) -> int:
         import torch
@@ -65,13 +49,9 @@ class GenerateCommand:
         tokenizer.padding_side = "left"  # our own instance: batched generation needs left padding
         if tokenizer.pad_token is None:
             if tokenizer.eos_token is None:
-                raise SystemExit(
-                    "error: the tokenizer has neither a pad nor an eos token; cannot batch prompts."
-                )
+                raise SystemExit("error: the tokenizer has neither a pad nor an eos token; cannot batch prompts.")
             tokenizer.pad_token = tokenizer.eos_token
-        load_kwargs: dict[str, Any] = {
-            "dtype": args.dtype if args.dtype == "auto" else getattr(torch, args.dtype)
-        }
+        load_kwargs: dict[str, Any] = {"dtype": args.dtype if args.dtype == "auto" else getattr(torch, args.dtype)}
         if args.device == "auto":
             load_kwargs["device_map"] = "auto"
         model = AutoModelForCausalLM.from_pretrained(args.model, **load_kwargs)
@@ -117,9 +97,7 @@ class GenerateCommand:
         base = None
         if args.compare:  # K = 1 never intervenes: plain decoding, with the head's risk read along the way
             torch.manual_seed(args.seed)
-            base = model.generate(
-                **common, value_steer=ValueSteerConfig(head=head, threshold=1.0, num_candidates=1)
-            )
+            base = model.generate(**common, value_steer=ValueSteerConfig(head=head, threshold=1.0, num_candidates=1))
         prompt_len = inputs["input_ids"].shape[1]
         for row, prompt in enumerate(args.prompt):
             record = _row_record(tokenizer, steered, row, prompt_len, prompt)
@@ -167,13 +145,134 @@ def _cell(record: dict[str, Any], i: int, mark: bool = True) -> str:
     return f"{record['tokens'][i]!r:18.18s} {record['risk'][i]:6.3f}{flag}"
 
 
-COMMANDS = (GenerateCommand(),)
+class StageCommand:
+    """One pipeline stage (or all of them) in a work folder; settings persist in `<workdir>/pipeline.json`."""
+
+    def __init__(self, name: str, help: str, stages: tuple[str, ...]) -> None:
+        self.name, self.help, self.stages = name, help, stages
+
+    def add_arguments(self, parser: argparse.ArgumentParser) -> None:
+        parser.add_argument("--workdir", required=True, help="work folder (created; stages resume inside it)")
+        parser.add_argument("--force", action="store_true", help="re-run stages that already completed")
+        data = parser.add_argument_group("data (first run of a workdir; later runs reuse pipeline.json)")
+        data.add_argument("--backbone", help="backbone name, hub id or folder (default: smollm2-135m-instruct)")
+        data.add_argument("--prompts", help="rtp | advbench | harmbench | overrefusal | a file (default rtp)")
+        data.add_argument("--limit", type=int, help="at most this many prompts per split")
+        data.add_argument("--chat", action="store_true", default=None, help="wrap prompts in the chat template")
+        data.add_argument("--samples-per-prompt", type=int)
+        data.add_argument("--max-new-tokens", type=int)
+        data.add_argument("--batch-size", type=int)
+        data.add_argument("--seed", type=int)
+        data.add_argument("--judge", help="toxicity | refusal | llm:<model> (default toxicity)")
+        train = parser.add_argument_group("training")
+        train.add_argument("--epochs", type=int)
+        train.add_argument("--lr", type=float)
+
+    def run(self, args: argparse.Namespace) -> int:
+        from vsteer_hf.train.pipeline import Pipeline
+
+        pipeline = Pipeline(args.workdir, _pipeline_config(args))
+        reports = pipeline.run(self.stages, force=args.force)
+        for stage, report in reports.items():
+            print(f"== {stage}: {_stage_summary(stage, report)}")
+        return 0
+
+
+def _pipeline_config(args: argparse.Namespace) -> Any:
+    """The stored config of the workdir (or the defaults), with the options given on this command line."""
+    import dataclasses
+    from pathlib import Path
+
+    from vsteer_hf.train.pipeline import PipelineConfig
+    from vsteer_hf.train.trainer import TrainConfig
+
+    stored = Path(args.workdir) / "pipeline.json"
+    config = PipelineConfig()
+    if stored.is_file():
+        data = json.loads(stored.read_text())
+        train = TrainConfig(**data.pop("train", {}))
+        data["alphas"] = tuple(data.get("alphas", config.alphas))
+        data["sweep_alphas"] = tuple(data.get("sweep_alphas", config.sweep_alphas))
+        config = PipelineConfig(**data, train=train)
+    names = (
+        "backbone",
+        "prompts",
+        "limit",
+        "chat",
+        "samples_per_prompt",
+        "max_new_tokens",
+        "batch_size",
+        "seed",
+        "judge",
+    )
+    updates = {n: getattr(args, n) for n in names if getattr(args, n) is not None}
+    train_updates = {n: getattr(args, n) for n in ("epochs", "lr") if getattr(args, n) is not None}
+    if train_updates:
+        updates["train"] = dataclasses.replace(config.train, **train_updates)
+    return dataclasses.replace(config, **updates)
+
+
+STAGES = ("extract", "label", "train", "calibrate", "sweep")  # vsteer_hf.train.pipeline.STAGES, without importing torch
+
+
+def _stage_summary(stage: str, report: dict[str, Any]) -> str:
+    if stage == "extract":
+        return f"{report['sequences']} sequences, {report['tokens']} tokens in {report['seconds']} s"
+    if stage == "label":
+        return f"{report['positives']} of {report['labelled']} generations judged undesirable"
+    if stage == "train":
+        return f"best epoch {report['best_epoch']}, validation AUROC {report['val_auroc']:.3f}"
+    if stage == "sweep":
+        steps = ", ".join(f"{_sweep_label(r)}: rate={r['toxic_rate']['value']:.3f}" for r in report["rows"])
+        return f"recommended threshold {report['recommended_threshold']:.3f}; {steps}"
+    rows = ", ".join(
+        f"α={r['alpha']}: ĉ={r['threshold']:.3f} FIR={r['false_intervention_rate']:.3f}" for r in report["table"]
+    )
+    return f"test AUROC {report['test_auroc_sequence']:.3f}; {rows}"
+
+
+def _sweep_label(row: dict[str, Any]) -> str:
+    return "base" if row["threshold"] is None else f"thr={row['threshold']:.3f}"
+
+
+class DemoCommand:
+    """The main job: steer held-out RealToxicityPrompts with the embedded SmolLM2 and the shipped head."""
+
+    name = "demo"
+    help = "base vs value-filtered decoding on held-out RTP prompts (embedded default model)"
+
+    def add_arguments(self, parser: argparse.ArgumentParser) -> None:
+        parser.add_argument("--limit", type=int, default=None, help="number of held-out prompts (default: all)")
+        parser.add_argument("--samples-per-prompt", type=int, default=1)
+        parser.add_argument("--max-new-tokens", type=int, default=32)
+        parser.add_argument("--threshold", type=float, default=None, help="default: the head card's threshold")
+        parser.add_argument("-k", "--num-candidates", type=int, default=8)
+        parser.add_argument("--batch-size", type=int, default=32)
+        parser.add_argument("--seed", type=int, default=0)
+        parser.add_argument("--head", default=None, help="another head (default: the shipped one)")
+        parser.add_argument("--examples", type=int, default=3, help="sample pairs to print")
+        parser.add_argument("--out", default=None, help="folder for demo.json and demo.md")
+
+    def run(self, args: argparse.Namespace) -> int:
+        from vsteer_hf.eval.demo import run_demo
+
+        return run_demo(args)
+
+
+COMMANDS = (
+    DemoCommand(),
+    GenerateCommand(),
+    StageCommand("extract", "decode-matched feature extraction (needs the backbone)", ("extract",)),
+    StageCommand("label", "judge every extracted generation", ("label",)),
+    StageCommand("train", "train a value head from the feature cache", ("train",)),
+    StageCommand("calibrate", "fit the conformal ĉ(α) curve and check it on held-out data", ("calibrate",)),
+    StageCommand("sweep", "steer validation prompts at a few thresholds; record the recommended one", ("sweep",)),
+    StageCommand("pipeline", "extract, label, train, calibrate and sweep, resuming completed stages", STAGES),
+)
 
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(
-        prog="vsteer", description="Value-head safety steering for transformers."
-    )
+    parser = argparse.ArgumentParser(prog="vsteer", description="Value-head safety steering for transformers.")
     sub = parser.add_subparsers(dest="command", required=True)
     for command in COMMANDS:
         command.add_arguments(sub.add_parser(command.name, help=command.help))

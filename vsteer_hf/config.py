@@ -45,6 +45,8 @@ class ValueSteerConfig:
             `do_sample`, else the K most probable tokens.
         candidate_forward: `auto` (tree where exact, else expand), `tree` or `expand`.
         trace_candidates: also return every candidate's token and risk per step.
+        trace_features: also return the committed tokens' post-norm hidden states (B, T, H), fp32:
+            exactly the tensor the head scored (decode-matched training features).
     """
 
     head: ValueHead | str | os.PathLike = field(metadata={"help": "value head or its source"})
@@ -57,6 +59,7 @@ class ValueSteerConfig:
     direction: Literal["above", "below"] = "above"
     candidate_forward: Literal["auto", "tree", "expand"] = "auto"
     trace_candidates: bool = False
+    trace_features: bool = False
     head_filename: str | None = None
     head_revision: str | None = None
 

@@ -36,16 +36,12 @@ class ValueAbstentionProcessor(LogitsProcessor):
     ) -> None:
         if direction not in policy.DIRECTIONS:
             raise ValueError(f"direction={direction!r} is not one of {policy.DIRECTIONS}.")
-        check_head_matches(
-            head, model.config.get_text_config().hidden_size, where="the backbone (config.hidden_size)"
-        )
+        check_head_matches(head, model.config.get_text_config().hidden_size, where="the backbone (config.hidden_size)")
         if eos_token_id is None:
             eos = model.generation_config.eos_token_id
             eos_token_id = eos[0] if isinstance(eos, (list, tuple)) else eos
         if eos_token_id is None:
-            raise ValueError(
-                "abstention ends rows with EOS, but no eos_token_id is known; pass eos_token_id=."
-            )
+            raise ValueError("abstention ends rows with EOS, but no eos_token_id is known; pass eos_token_id=.")
         self.head = head
         self.threshold = threshold
         self.eos_token_id = int(eos_token_id)
@@ -70,9 +66,7 @@ class ValueAbstentionProcessor(LogitsProcessor):
             self._reset()
         self._last_len = length
         if self._hidden is None:
-            raise RuntimeError(
-                "no hidden state was captured; the processor's model must be the one generating."
-            )
+            raise RuntimeError("no hidden state was captured; the processor's model must be the one generating.")
         hidden = self._hidden
         if hidden.shape[0] != scores.shape[0]:
             raise ValueError(

@@ -174,9 +174,7 @@ class CandidateForward:
             hidden = out.last_hidden_state  # (B, K, H)
             layers = out.hidden_states if self.output_hidden_states else None
         else:
-            flat_mask = torch.cat([prefix_mask, prefix_mask.new_ones(b, 1)], dim=1).repeat_interleave(
-                k, dim=0
-            )
+            flat_mask = torch.cat([prefix_mask, prefix_mask.new_ones(b, 1)], dim=1).repeat_interleave(k, dim=0)
             out = self.decoder(
                 input_ids=candidates.reshape(b * k, 1),
                 attention_mask=flat_mask,
@@ -186,9 +184,7 @@ class CandidateForward:
                 output_hidden_states=self.output_hidden_states,
             )
             hidden = out.last_hidden_state.reshape(b, k, -1)
-            layers = (
-                tuple(h.reshape(b, k, -1) for h in out.hidden_states) if self.output_hidden_states else None
-            )
+            layers = tuple(h.reshape(b, k, -1) for h in out.hidden_states) if self.output_hidden_states else None
         return hidden, layers
 
     def _tree_kv_length(self, prefix_len: int) -> int:

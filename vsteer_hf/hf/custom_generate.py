@@ -31,9 +31,7 @@ def steered_generate(
 ) -> ValueSteerOutput | torch.LongTensor:
     """A `custom_generate` callable running the value-steered loop with generate's prepared pieces."""
     if not isinstance(value_steer, ValueSteerConfig):
-        raise ValueError(
-            "custom_generate=steered_generate needs value_steer=ValueSteerConfig(...) in the same call."
-        )
+        raise ValueError("custom_generate=steered_generate needs value_steer=ValueSteerConfig(...) in the same call.")
     if generation_config.num_beams != 1:
         raise ValueError(
             f"value steering supports greedy decoding and sampling, not num_beams={generation_config.num_beams}."

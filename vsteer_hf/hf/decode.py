@@ -28,6 +28,8 @@ class ValueSteerOutput(GenerateDecoderOnlyOutput):
     interventions: (B, T) True where the committed token differs from the natural choice
         (candidate 0: the plain sample, or the argmax when greedy).
     candidate_tokens / candidate_risks: (B, T, K) every candidate per step, when traced.
+    features: (B, T, H) fp32 post-norm state of each committed token, the tensor the head scored,
+        when traced (NaN after a row finished).
     abstained: (B,) True for rows ended by abstention; abstain_step: (B,) index of the forced
         EOS among the generated tokens, -1 where none.
     thresholds: (B,) the thresholds used.
@@ -37,6 +39,7 @@ class ValueSteerOutput(GenerateDecoderOnlyOutput):
     interventions: torch.Tensor | None = None
     candidate_tokens: torch.Tensor | None = None
     candidate_risks: torch.Tensor | None = None
+    features: torch.Tensor | None = None
     abstained: torch.Tensor | None = None
     abstain_step: torch.Tensor | None = None
     thresholds: torch.Tensor | None = None
@@ -86,9 +89,7 @@ def value_steered_sample(
 ) -> ValueSteerOutput | torch.LongTensor:
     """Value-filtered decoding / dynamic abstention with generate's prepared processors and criteria."""
     if synced_gpus:
-        raise ValueError(
-            "value steering does not support synced_gpus (FSDP / ZeRO-3); generate on one replica."
-        )
+        raise ValueError("value steering does not support synced_gpus (FSDP / ZeRO-3); generate on one replica.")
     if generation_config.output_attentions:
         raise ValueError(
             "output_attentions is not supported with value steering: the candidate forward's attention "
@@ -104,9 +105,7 @@ def value_steered_sample(
     if pad_token_id is not None:
         pad_token_id = pad_token_id.to(input_ids.device)
     if steer.mode == "abstain" and eos_ids is None:
-        raise ValueError(
-            "abstention ends rows with EOS, but the generation config has no eos_token_id. Set one."
-        )
+        raise ValueError("abstention ends rows with EOS, but the generation config has no eos_token_id. Set one.")
     return_dict = generation_config.return_dict_in_generate
     output_scores = generation_config.output_scores
     output_logits = generation_config.output_logits
@@ -167,6 +166,7 @@ def value_steered_sample(
     intervention_steps: list[torch.Tensor] = []
     cand_steps: list[torch.Tensor] = []
     cand_risk_steps: list[torch.Tensor] = []
+    feature_steps: list[torch.Tensor] = []
     step = 0
 
     while True:
@@ -218,16 +218,14 @@ def value_steered_sample(
         if steer.trace_candidates:
             cand_steps.append(candidates)
             cand_risk_steps.append(torch.where(live[:, None], risks, float("nan")).to(input_ids.device))
+        if steer.trace_features:
+            feature_steps.append(torch.where(live[:, None], winner_hidden.float(), float("nan")).to(input_ids.device))
         if hidden_steps is not None and layer_states is not None:
-            hidden_steps += (
-                tuple(policy.gather_selected(s, winner.to(s.device))[:, None] for s in layer_states),
-            )
+            hidden_steps += (tuple(policy.gather_selected(s, winner.to(s.device))[:, None] for s in layer_states),)
         if steer.mode == "abstain":
             abstain_pending = policy.crossed(winner_risk, thresholds, steer.direction)
 
-        next_logits = output_embedding_logits(model, winner_hidden).to(
-            dtype=torch.float32, device=input_ids.device
-        )
+        next_logits = output_embedding_logits(model, winner_hidden).to(dtype=torch.float32, device=input_ids.device)
         input_ids = torch.cat([input_ids, next_tokens[:, None]], dim=-1)
         prefix_mask = torch.cat([prefix_mask, prefix_mask.new_ones(batch, 1)], dim=-1)
         if streamer is not None:
@@ -253,6 +251,7 @@ def value_steered_sample(
         interventions=torch.stack(intervention_steps, dim=1),
         candidate_tokens=torch.stack(cand_steps, dim=1) if cand_steps else None,
         candidate_risks=torch.stack(cand_risk_steps, dim=1) if cand_risk_steps else None,
+        features=torch.stack(feature_steps, dim=1) if feature_steps else None,
         abstained=abstained if steer.mode == "abstain" else None,
         abstain_step=abstain_step if steer.mode == "abstain" else None,
         thresholds=thresholds,

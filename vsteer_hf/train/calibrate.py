@@ -6,10 +6,12 @@ finite-sample bound on the false-intervention rate, and the ĉ(α) curve a head 
 posterior-odds ratio M_t = odds(p_t)/odds(p_0) instead; `ville_threshold` is its data-free,
 anytime-valid counterpart. Pure numpy/torch.
 
-Convention used throughout: intervene iff the score is strictly greater than the threshold
-(abstention's `risk > threshold`). The bounds below are exact for that rule, ties included; VFD's
-`safe iff risk < threshold` also rejects risk == threshold, which keeps the bounds only when ties
-with the threshold have probability zero (see `conformal_threshold`).
+Convention used throughout, as at run time (VFD's "safe iff risk < threshold", abstention's
+"risk >= threshold", and the vLLM plugin's runners): intervene iff the score is >= the threshold.
+Thresholds are returned one grid step above the conformal order statistic S_(k) — the smallest
+float32 above it for risks (run-time risks and thresholds are float32), the smallest float64 above it
+for the float64 M scores — so that "score >= threshold" is exactly "score > S_(k)": the bounds hold
+for that rule, ties included (see `conformal_threshold`).
 """
 
 from __future__ import annotations
@@ -20,6 +22,8 @@ from collections.abc import Iterable, Sequence
 import numpy as np
 import torch
 from torch import Tensor
+
+from vsteer_hf.eval.stats import wilson
 
 __all__ = [
     "DEFAULT_ALPHAS",
@@ -34,7 +38,6 @@ __all__ = [
     "martingale_threshold",
     "max_over_trajectory",
     "ville_threshold",
-    "wilson_interval",
 ]
 
 DEFAULT_ALPHAS = (0.01, 0.02, 0.05, 0.1, 0.15, 0.2, 0.3, 0.4, 0.5)
@@ -80,32 +83,52 @@ def conformal_rank(n: int, alpha: float) -> int:
     return max(1, math.ceil((n + 1) * (1.0 - alpha) * (1.0 - 1e-12)))
 
 
-def _conformal_quantile(scores: np.ndarray, alpha: float, never: float) -> float:
+def _conformal_quantile(scores: np.ndarray, alpha: float, never: float, grid: type = np.float32) -> float:
+    """The smallest `grid` value strictly above S_(k), at most `never`; `never` when k > n."""
     n = scores.size
     if n == 0:
         raise ValueError("no safe calibration examples; pass the max risks of held-out safe generations.")
     k = conformal_rank(n, alpha)
     if k > n:  # the quantile is +inf: too few examples for this α
         return never
-    return float(np.sort(scores)[k - 1])
+    return _just_above(float(np.sort(scores)[k - 1]), never, grid)
+
+
+def _just_above(order_statistic: float, ceiling: float, grid: type = np.float32) -> float:
+    """The smallest `grid` (float32 or float64) value strictly above the order statistic, at most `ceiling`.
+
+    For scores on that grid, `score >= result` iff `score > order_statistic` (below the ceiling), so
+    the ">=" run-time rule keeps the strict-inequality guarantee, ties included. For finer scores
+    (float64 risks), `score >= result` still implies `score > order_statistic`: the bound holds.
+    """
+    if order_statistic >= ceiling:
+        return ceiling
+    up = grid(order_statistic)  # rounds to nearest: may land on either side
+    if float(up) <= order_statistic:
+        up = np.nextafter(up, grid(np.inf))
+    return min(float(up), ceiling)
 
 
 def conformal_threshold(safe_max_risks: ArrayLike, alpha: float) -> float:
-    """Split-conformal (+1) threshold on max-over-trajectory risk: the k-th smallest of the n scores.
+    """Split-conformal (+1) threshold on max-over-trajectory risk: just above the k-th smallest score.
 
-    With k = ⌈(n+1)(1-α)⌉ (`conformal_rank`); if k > n (n < 1/α - 1) the threshold is 1.0, which a
-    risk in [0, 1] never exceeds: never intervene.
+    With k = ⌈(n+1)(1-α)⌉ (`conformal_rank`) the threshold is the smallest float32 strictly above
+    S_(k), so that for float32 risks (what the decoder compares, against a float32 threshold)
+    "risk >= threshold" means "risk > S_(k)"; if k > n (n < 1/α - 1) the threshold is 1.0, which only
+    a risk saturated at exactly 1.0 reaches: in effect, never intervene.
 
     Guarantee. Let S_1..S_n be the max risks of safe calibration generations and S_{n+1} that of a
     new safe generation, exchangeable with them (same prompt source, decoding, head and scored
-    tokens). Then P(S_{n+1} > threshold) <= α, jointly over calibration set and new example, ties
-    included, because S_{n+1} <= S_(k) with probability >= k/(n+1) >= 1-α. So the rule "intervene
-    iff risk > threshold at some token" intervenes on a safe generation with probability <= α; as
-    monitored decoding matches the unmonitored one until its first intervention, this is also the
-    chance that steering touches a generation that would have been safe. If the S_i are a.s.
-    distinct and k <= n, the rate is exactly (n+1-k)/(n+1) >= α - 1/(n+1): the bound is tight.
-    The rule "intervene iff risk >= threshold" adds P(S_{n+1} = threshold): zero for continuous
-    risks, not for risks saturated at exactly 1.0 in float32 — a 1.0 threshold then fires on them.
+    tokens). Then P(S_{n+1} >= threshold) <= α, jointly over calibration set and new example, ties
+    included, because S_{n+1} <= S_(k) with probability >= k/(n+1) >= 1-α and "risk >= threshold"
+    implies "risk > S_(k)". So the rule "intervene iff risk >= threshold at some token" intervenes on
+    a safe generation with probability <= α; as monitored decoding matches the unmonitored one until
+    its first intervention, this is also the chance that steering touches a generation that would
+    have been safe. If the S_i are float32 and a.s. distinct and k <= n, the rate is exactly
+    (n+1-k)/(n+1) >= α - 1/(n+1): the bound is tight (float64 risks between S_(k) and the threshold,
+    less than one float32 step, do not fire, so their rate can only be lower).
+    Exception: when S_(k) is already 1.0 (risks saturated in float32) there is no float32 risk above
+    it; the threshold stays 1.0 and saturated risks fire.
     The bound is marginal: for one fixed calibration set the rate is Beta(n+1-k, k)-distributed.
     """
     return _conformal_quantile(_scores(safe_max_risks, "safe_max_risks"), alpha, never=1.0)
@@ -127,7 +150,16 @@ def martingale_scores(max_risks: ArrayLike, priors: ArrayLike | float, eps: floa
             raise ValueError(f"priors has {p0.size} entries for {risks.size} examples; pass one per example.")
     if not 0.0 < eps < 0.5:
         raise ValueError(f"eps must be in (0, 0.5), got {eps!r}.")
-    p = np.clip(risks, eps, 1.0 - eps)
+    return _odds_ratio(risks, p0, eps)
+
+
+def _odds_ratio(p: np.ndarray, p0: np.ndarray, eps: float) -> np.ndarray:
+    """M = odds(p)/odds(p0) in float64, risks clipped to [eps, 1-eps], formed in log space.
+
+    The one formula behind `martingale_scores` and `martingale_risk_threshold`, so that their
+    comparisons agree bit for bit.
+    """
+    p = np.clip(p, eps, 1.0 - eps)
     p0 = np.clip(p0, eps, 1.0 - eps)
     log_m = (np.log(p) - np.log1p(-p)) - (np.log(p0) - np.log1p(-p0))
     return np.exp(log_m)
@@ -138,20 +170,24 @@ def martingale_threshold(
 ) -> float:
     """Conformal (+1) threshold on the posterior-odds ratio max_t M_t of safe examples (M scale).
 
-    M_t = odds(p_t)/odds(p_0) (`martingale_scores`); the rule is "intervene iff M_t > threshold",
-    i.e. iff risk p_t > `martingale_risk_threshold(threshold, p_0)`, a per-prompt risk threshold.
-    Same distribution-free guarantee as `conformal_threshold`: P(max_t M_t > threshold | safe) <= α
-    for a new exchangeable safe example. k > n gives +inf (never intervene).
-    With one prior for every example the decisions are exactly those of `conformal_threshold`
-    (M is then an increasing function of the risk); per-prompt priors make the rule react to the
-    rise in risk since the prompt rather than to its level.
+    M_t = odds(p_t)/odds(p_0) (`martingale_scores`); the rule is "intervene iff M_t >= threshold",
+    i.e. for float32 risks iff p_t >= `martingale_risk_threshold(threshold, p_0)`, a per-prompt risk
+    threshold. The threshold is the smallest float64 strictly above the k-th smallest M score M_(k)
+    (M scores are float64), so "M >= threshold" is exactly "M > M_(k)". Same distribution-free
+    guarantee as `conformal_threshold`: P(max_t M_t >= threshold | safe) <= α for a new exchangeable
+    safe example, ties included. k > n gives +inf (never intervene).
+    With one prior for every example, float32 risks and S_(k) inside the eps clip, the decisions are
+    exactly those of `conformal_threshold`: M is then strictly increasing in the risk, so the
+    per-prompt risk threshold is the smallest float32 risk above S_(k), the conformal threshold
+    itself. Per-prompt priors make the rule react to the rise in risk since the prompt rather than
+    to its level.
     When p_t is the head's exact posterior P(undesirable | prompt, tokens so far), M_t is the
     likelihood ratio of the two hypotheses, a nonnegative martingale with M_0 = 1 under "safe", so
     Ville's inequality already bounds the rate by α at threshold 1/α (`ville_threshold`); the
     calibrated threshold then sits at or below 1/α (Ville is the more conservative of the two).
     """
     scores = martingale_scores(safe_max_risks, priors, eps=eps)
-    return _conformal_quantile(scores, alpha, never=math.inf)
+    return _conformal_quantile(scores, alpha, never=math.inf, grid=np.float64)
 
 
 def ville_threshold(alpha: float) -> float:
@@ -166,15 +202,30 @@ def ville_threshold(alpha: float) -> float:
     return 1.0 / _check_alpha(alpha)
 
 
-def martingale_risk_threshold(threshold: float, priors: Tensor | ArrayLike | float) -> Tensor:
-    """Per-prompt risk thresholds equivalent to an M-scale threshold: M_t > m iff p_t > p*(p_0).
+_ONE_BITS = int(np.float32(1.0).view(np.int32))
 
-    p* = sigmoid(log m + logit(p_0)) (up to rounding and the eps clip of `martingale_scores`);
-    m = +inf gives 1.0 (never intervene). Returns float64 with the shape of `priors`, on its device,
-    ready for a per-row `threshold`.
+
+def _float32_from_bits(bits: np.ndarray) -> np.ndarray:
+    """float64 copies of the float32 values with these (nonnegative) bit patterns."""
+    return bits.astype(np.int32).view(np.float32).astype(np.float64)
+
+
+def martingale_risk_threshold(threshold: float, priors: Tensor | ArrayLike | float, eps: float = _EPS) -> Tensor:
+    """Per-prompt risk thresholds equivalent to an M-scale threshold: M_t >= m iff p_t >= p*(p_0).
+
+    p* is the smallest float32 risk p in [0, 1] whose M = odds(p)/odds(p_0), computed exactly as
+    `martingale_scores` does (eps clip included), is >= m: about sigmoid(log m + logit(p_0)), found
+    by bisection on the float32 grid. So for float32 risks p_t (what the decoder compares, against
+    float32 thresholds) "p_t >= p*" is exactly "M_t >= m", and p* survives the float32 cast of
+    `resolve_thresholds` unchanged. Where no risk in [0, 1] reaches m (m = +inf, or m above the
+    M of a saturated risk) p* is 1.0, the risk-scale "never" of `conformal_threshold`, which a risk
+    saturated at exactly 1.0 still reaches. Returns float64 (float32-representable values) with the
+    shape of `priors`, on its device, ready for a per-row `threshold`.
     """
     if not threshold >= 0.0:
         raise ValueError(f"threshold must be >= 0 on the M scale, got {threshold!r}.")
+    if not 0.0 < eps < 0.5:
+        raise ValueError(f"eps must be in (0, 0.5), got {eps!r}.")
     p0 = torch.as_tensor(priors, dtype=torch.float64)
     if bool(((p0 < 0) | (p0 > 1) | p0.isnan()).any()):
         raise ValueError("priors must be risks in [0, 1].")
@@ -182,8 +233,17 @@ def martingale_risk_threshold(threshold: float, priors: Tensor | ArrayLike | flo
         return torch.ones_like(p0)
     if threshold == 0.0:
         return torch.zeros_like(p0)
-    p0 = p0.clamp(_EPS, 1.0 - _EPS)
-    return torch.sigmoid(math.log(threshold) + torch.logit(p0))
+    prior = p0.detach().cpu().numpy().reshape(-1)  # (N,)
+    # Nonnegative float32 values are ordered as their bit patterns: bisect on those, in [0.0, 1.0].
+    lo = np.zeros(prior.shape, np.int64)  # (N,)
+    hi = np.full(prior.shape, _ONE_BITS, np.int64)  # (N,) 1.0: the answer, or the ceiling
+    while (active := lo < hi).any():
+        mid = (lo + hi) // 2  # (N,)
+        reaches = _odds_ratio(_float32_from_bits(mid), prior, eps) >= threshold  # (N,)
+        hi = np.where(active & reaches, mid, hi)
+        lo = np.where(active & ~reaches, mid + 1, lo)
+    out = torch.from_numpy(_float32_from_bits(hi).reshape(p0.shape))
+    return out.to(p0.device)
 
 
 def conformal_curve(
@@ -194,8 +254,9 @@ def conformal_curve(
 ) -> dict[float, float]:
     """Threshold per α, {α: ĉ(α)}; non-increasing in α (k is non-increasing in α).
 
-    `conformal`: risk scale, in [0, 1]. `martingale`: M scale (`martingale_threshold`), needs
-    `priors`; convert with `martingale_risk_threshold` per prompt.
+    `conformal`: risk scale, in [0, 1] (`conformal_threshold`). `martingale`: M scale
+    (`martingale_threshold`), needs `priors`; convert with `martingale_risk_threshold` per prompt.
+    Either way the rule is "intervene iff score >= ĉ(α)".
     """
     if method not in METHODS:
         raise ValueError(f"unknown method {method!r}; allowed: {', '.join(METHODS)}.")
@@ -203,28 +264,17 @@ def conformal_curve(
         if priors is None:
             raise ValueError("method='martingale' needs priors= (each example's prompt-end risk p_0).")
         scores = martingale_scores(safe_max_risks, priors)
-        return {float(a): _conformal_quantile(scores, a, never=math.inf) for a in alphas}
+        return {float(a): _conformal_quantile(scores, a, never=math.inf, grid=np.float64) for a in alphas}
     risks = _scores(safe_max_risks, "safe_max_risks")
     return {float(a): _conformal_quantile(risks, a, never=1.0) for a in alphas}
 
 
 def false_intervention_rate(safe_max_risks: ArrayLike, threshold: float) -> float:
-    """Fraction of safe examples whose score is strictly above `threshold` (the intervention rule)."""
+    """Fraction of safe examples whose score is >= `threshold` (the intervention rule)."""
     scores = _scores(safe_max_risks, "safe_max_risks", unit_interval=False)
     if scores.size == 0:
         raise ValueError("no safe examples to measure the false-intervention rate on.")
-    return float(np.mean(scores > threshold))
-
-
-def wilson_interval(successes: int, n: int, z: float = 1.96) -> tuple[float, float]:
-    """Wilson score interval for a binomial proportion (95% for z = 1.96)."""
-    if n <= 0 or not 0 <= successes <= n:
-        raise ValueError(f"need 0 <= successes <= n and n > 0, got successes={successes}, n={n}.")
-    p = successes / n
-    z2 = z * z
-    centre = (p + z2 / (2 * n)) / (1 + z2 / n)
-    half = z / (1 + z2 / n) * math.sqrt(p * (1 - p) / n + z2 / (4 * n * n))
-    return max(0.0, centre - half), min(1.0, centre + half)
+    return float(np.mean(scores >= threshold))
 
 
 def calibration_report(
@@ -239,8 +289,10 @@ def calibration_report(
 
     Keys: alpha, method, threshold, n_calib, n_heldout, false_interventions,
     false_intervention_rate, stderr (binomial, sqrt(r(1-r)/n)), wilson_low / wilson_high (95%),
-    expected_rate ((n+1-k)/(n+1): the exact mean rate for tie-free scores, <= α).
-    For `martingale` both priors are needed and thresholds are on the M scale.
+    expected_rate ((n+1-k)/(n+1), <= α: the exact mean rate for tie-free float32 risks or M scores;
+    ties and finer-than-float32 risks can only lower it). A held-out example counts as a false
+    intervention iff its score is >= the threshold. For `martingale` both priors are needed and
+    thresholds are on the M scale.
     """
     alphas = [float(a) for a in alphas]
     curve = conformal_curve(calib_max_risks, alphas, method=method, priors=calib_priors)
@@ -256,9 +308,10 @@ def calibration_report(
     rows = []
     for alpha in alphas:
         threshold = curve[alpha]
-        hits = int(np.sum(heldout > threshold))
+        hits = int(np.sum(heldout >= threshold))
         rate = hits / n_held
-        low, high = wilson_interval(hits, n_held)
+        interval = wilson(hits, n_held)
+        low, high = interval.low, interval.high
         k = conformal_rank(n_calib, alpha)
         rows.append(
             {
@@ -282,7 +335,8 @@ def max_over_trajectory(risks: Tensor, mask: Tensor | None = None, empty: float 
     """Max risk over each row's valid tokens, (B, T) -> (B,); `empty` for rows with none.
 
     The mask must select the tokens the decoder will monitor (normally the response tokens).
-    An empty response never crosses a threshold, hence the default 0.0 (as the reference).
+    An empty response should never intervene, hence the default 0.0 (as the reference): calibrated
+    thresholds are > 0, so 0.0 never reaches one under "intervene iff risk >= threshold".
     """
     if risks.dim() != 2:
         raise ValueError(f"risks must be (batch, tokens), got shape {tuple(risks.shape)}.")

@@ -1,0 +1,73 @@
+"""Decode-matched extraction writes exactly the states the decode loop scored."""
+
+from __future__ import annotations
+
+import torch
+from conftest import make_head, tiny_model, tiny_tokenizer
+
+from vsteer_hf import ValueSteerConfig, enable_value_steer
+from vsteer_hf.eval.prompts import PromptRecord
+from vsteer_hf.train.extract import extract_features, label_cache
+
+
+def _prompts():
+    return [PromptRecord(id=f"p{i}", text=f"w{10 + i} w{20 + i} w{30 + i}", source="test") for i in range(5)]
+
+
+def test_extracted_features_equal_the_decode_loops_states(tmp_path):
+    model = enable_value_steer(tiny_model("llama"))
+    tok = tiny_tokenizer()
+    tok.padding_side = "left"
+    head = make_head(32, scale=4.0)
+    cache = extract_features(
+        model,
+        tok,
+        _prompts(),
+        tmp_path / "cache",
+        samples_per_prompt=2,
+        max_new_tokens=6,
+        batch_size=4,
+        head=head,
+        num_candidates=1,
+        progress=False,
+    )
+    assert len(cache) == 10
+    # replay the first batch with the same seed and settings: the cache holds the very same tensors
+    first_batch = [(p, s) for p in _prompts() for s in range(2)][:4]
+    texts = [p.text for p, _ in first_batch]
+    inputs = tok(texts, return_tensors="pt", padding=True)
+    p0, s0 = first_batch[0]
+    from vsteer_hf.train.extract import _stable_int
+
+    torch.manual_seed(_stable_int(p0.id) + s0)
+    out = model.generate(
+        **inputs,
+        do_sample=True,
+        top_p=0.9,
+        top_k=0,
+        max_new_tokens=6,
+        pad_token_id=tok.pad_token_id,
+        return_dict_in_generate=True,
+        value_steer=ValueSteerConfig(head=head, threshold=0.5, num_candidates=1, trace_features=True),
+    )
+    for row, (prompt, sample) in enumerate(first_batch):
+        feats, record = cache[cache.index_of((prompt.id, sample))]
+        live = ~out.value_scores[row].isnan()
+        assert torch.equal(feats, out.features[row][live])
+        assert record["token_ids"] == out.sequences[row, inputs["input_ids"].shape[1] :][live].tolist()
+        torch.testing.assert_close(head.p(feats), out.value_scores[row][live], atol=1e-6, rtol=1e-5)
+
+
+def test_extraction_resumes_and_labels(tmp_path):
+    model = tiny_model("llama")
+    tok = tiny_tokenizer()
+    tok.padding_side = "left"
+    folder = tmp_path / "cache"
+    extract_features(model, tok, _prompts()[:2], folder, samples_per_prompt=2, max_new_tokens=4, progress=False)
+    cache = extract_features(model, tok, _prompts(), folder, samples_per_prompt=2, max_new_tokens=4, progress=False)
+    assert len(cache) == 10
+    assert len({(r["prompt_id"], r["sample"]) for r in cache.records}) == 10
+    counts = label_cache(cache, lambda prompts, gens: [float("w1" in g) for g in gens])
+    assert counts["labelled"] == 10
+    reloaded = type(cache)(folder)
+    assert all(r["label"] in (0.0, 1.0) for r in reloaded.records)

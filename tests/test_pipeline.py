@@ -1,0 +1,72 @@
+"""The whole decode-matched pipeline end to end on a tiny random model, and its CLI."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+
+from vsteer_hf.cli import main
+from vsteer_hf.head import ValueHead
+
+
+@pytest.fixture
+def prompt_file(tmp_path):
+    path = tmp_path / "prompts.jsonl"
+    lines = [json.dumps({"prompt": f"w{10 + i} w{40 + i % 30} w{70 - i % 20}"}) for i in range(60)]
+    path.write_text("\n".join(lines) + "\n")
+    return path
+
+
+def _judge_by_token(prompts, generations):
+    """A stand-in judge: a generation is 'undesirable' when it contains a low-numbered word."""
+    return [
+        float(any(w in g.split() for w in ("w6", "w7", "w8", "w9", "w10", "w11", "w12", "w13"))) for g in generations
+    ]
+
+
+def test_pipeline_end_to_end_on_a_tiny_model(model_dir, prompt_file, tmp_path, monkeypatch, capsys):
+    monkeypatch.setattr("vsteer_hf.eval.judges.get_judge", lambda name, **kw: _judge_by_token)
+    workdir = tmp_path / "work"
+    args = [
+        "pipeline",
+        "--workdir",
+        str(workdir),
+        "--backbone",
+        str(model_dir),
+        "--prompts",
+        str(prompt_file),
+        "--samples-per-prompt",
+        "2",
+        "--max-new-tokens",
+        "8",
+        "--batch-size",
+        "16",
+        "--epochs",
+        "3",
+    ]
+    assert main(args) == 0
+    out = capsys.readouterr().out
+    for stage in ("extract", "label", "train", "calibrate", "sweep"):
+        assert f"== {stage}:" in out
+        assert (workdir / f"{stage}.json").is_file()
+    extract = json.loads((workdir / "extract.json").read_text())
+    assert extract["sequences"] == 120
+    head = ValueHead.from_pretrained(workdir / "head")
+    assert head.card.curve and all(0.0 <= t <= 1.0 for t in head.card.curve.values())
+    assert head.card.training["judge"] == "toxicity"
+    assert head.card.backbone == str(model_dir)
+    # resumable: a second run skips every stage (reports untouched)
+    before = {s: (workdir / f"{s}.json").stat().st_mtime_ns for s in ("extract", "train")}
+    assert main(args) == 0
+    assert all((workdir / f"{s}.json").stat().st_mtime_ns == t for s, t in before.items())
+    # a single stage can be forced; the stored settings are reused without repeating them
+    assert main(["calibrate", "--workdir", str(workdir), "--force"]) == 0
+    assert "test AUROC" in capsys.readouterr().out
+
+
+def test_cli_stage_list_matches_the_pipeline():
+    from vsteer_hf import cli
+    from vsteer_hf.train import pipeline
+
+    assert cli.STAGES == pipeline.STAGES

@@ -1,0 +1,306 @@
+"""The decode-matched pipeline: extract -> label -> train -> calibrate -> sweep, each stage resumable.
+
+Every stage reads and writes under one work folder and leaves `<stage>.json` (its report) when it
+completes; a later run skips completed stages unless forced. Only `extract` needs the backbone:
+training and calibration read the feature cache, so they run without the model in memory. The
+sweep steers the validation prompts at the thresholds ĉ(α) of a few α and records the recommended
+threshold in the head card: the most permissive one that halves the judge's undesirable rate.
+
+    work/
+      pipeline.json          the PipelineConfig used
+      features/              memory-mapped decode features + index + generations.jsonl
+      extract.json label.json train.json calibrate.json sweep.json   stage reports
+      head/                  the trained head (safetensors + sidecar with the ĉ(α) curve)
+"""
+
+from __future__ import annotations
+
+import json
+import time
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+
+from vsteer_hf.train.calibrate import DEFAULT_ALPHAS, calibration_report, conformal_curve
+from vsteer_hf.train.trainer import TrainConfig
+
+STAGES = ("extract", "label", "train", "calibrate", "sweep")
+
+
+@dataclass
+class PipelineConfig:
+    """What to extract, how to label it and how to train and calibrate the head.
+
+    Data: `backbone` (name, hub id or folder; default the embedded SmolLM2), `prompts` (a built-in
+    source or a file), `limit` (prompts per split, for quick runs), `chat` (wrap prompts in the chat
+    template; RealToxicityPrompts are raw continuations). Generation: `samples_per_prompt`,
+    `max_new_tokens`, `top_p`, `temperature`, `batch_size`, `seed`. Labels: `judge` and the score
+    above which a generation is undesirable. Calibration: the α grid; ĉ(α) is fitted on the safe
+    generations of the validation split and checked on those of the test split. Sweep: VFD with
+    `num_candidates` at ĉ(α) for each of `sweep_alphas`, on the validation prompts.
+    """
+
+    backbone: str = "smollm2-135m-instruct"
+    prompts: str = "rtp"
+    limit: int | None = None
+    chat: bool = False
+    samples_per_prompt: int = 4
+    max_new_tokens: int = 32
+    top_p: float = 0.9
+    temperature: float = 1.0
+    batch_size: int = 32
+    seed: int = 0
+    judge: str = "toxicity"
+    judge_threshold: float = 0.5
+    alphas: tuple[float, ...] = DEFAULT_ALPHAS
+    sweep_alphas: tuple[float, ...] = (0.5, 0.3, 0.2, 0.1, 0.05)
+    num_candidates: int = 8
+    train: TrainConfig = field(default_factory=TrainConfig)
+
+    def to_dict(self) -> dict[str, Any]:
+        data = asdict(self)
+        data["alphas"] = list(self.alphas)
+        data["sweep_alphas"] = list(self.sweep_alphas)
+        return data
+
+
+class Pipeline:
+    """Runs the stages of a `PipelineConfig` in `workdir`."""
+
+    def __init__(self, workdir: str | Path, config: PipelineConfig | None = None, progress: bool = True) -> None:
+        self.workdir = Path(workdir)
+        self.config = config or PipelineConfig()
+        self.progress = progress
+
+    # ------------------------------------------------------------------ bookkeeping
+    def report_path(self, stage: str) -> Path:
+        return self.workdir / f"{stage}.json"
+
+    def done(self, stage: str) -> bool:
+        return self.report_path(stage).is_file()
+
+    def report(self, stage: str) -> dict[str, Any]:
+        path = self.report_path(stage)
+        if not path.is_file():
+            raise FileNotFoundError(f"stage {stage!r} has not completed in {self.workdir}; run `vsteer {stage}` first.")
+        return json.loads(path.read_text())
+
+    def _finish(self, stage: str, report: dict[str, Any]) -> dict[str, Any]:
+        report = {"stage": stage, "finished": time.strftime("%Y-%m-%dT%H:%M:%S"), **report}
+        self.report_path(stage).write_text(json.dumps(report, indent=2, default=float) + "\n")
+        return report
+
+    def run(self, stages: tuple[str, ...] = STAGES, force: bool = False) -> dict[str, dict[str, Any]]:
+        """Run `stages` in order, skipping completed ones unless `force`."""
+        unknown = set(stages) - set(STAGES)
+        if unknown:
+            raise ValueError(f"unknown stages {sorted(unknown)}; stages are {STAGES}.")
+        self.workdir.mkdir(parents=True, exist_ok=True)
+        (self.workdir / "pipeline.json").write_text(json.dumps(self.config.to_dict(), indent=2) + "\n")
+        reports = {}
+        for stage in STAGES:
+            if stage not in stages:
+                continue
+            if self.done(stage) and not force:
+                reports[stage] = self.report(stage)
+                continue
+            reports[stage] = getattr(self, stage)()
+        return reports
+
+    # ------------------------------------------------------------------ stages
+    def extract(self) -> dict[str, Any]:
+        from vsteer_hf.backbones import load_backbone
+        from vsteer_hf.eval.prompts import load_prompts
+        from vsteer_hf.train.extract import extract_features
+
+        cfg = self.config
+        model, tokenizer = load_backbone(cfg.backbone, dtype="float32", progress=self.progress)
+        prompts = []
+        for split in ("train", "validation", "test"):
+            prompts += load_prompts(cfg.prompts, split=split, limit=cfg.limit)
+        start = time.perf_counter()
+        cache = extract_features(
+            model,
+            tokenizer,
+            prompts,
+            self.workdir / "features",
+            samples_per_prompt=cfg.samples_per_prompt,
+            max_new_tokens=cfg.max_new_tokens,
+            batch_size=cfg.batch_size,
+            chat=cfg.chat,
+            top_p=cfg.top_p,
+            temperature=cfg.temperature,
+            seed=cfg.seed,
+            backbone=cfg.backbone,
+            progress=self.progress,
+        )
+        seconds = time.perf_counter() - start
+        tokens = int(sum(cache.lengths))
+        return self._finish(
+            "extract",
+            {
+                "sequences": len(cache),
+                "tokens": tokens,
+                "splits": cache.splits,
+                "seconds": round(seconds, 1),
+                "prompts": len(prompts),
+            },
+        )
+
+    def label(self) -> dict[str, Any]:
+        from vsteer_hf.eval.judges import get_judge
+        from vsteer_hf.train.extract import label_cache
+        from vsteer_hf.train.features import FeatureCache
+
+        cache = FeatureCache(self.workdir / "features")
+        counts = label_cache(cache, get_judge(self.config.judge), threshold=self.config.judge_threshold)
+        cache = FeatureCache(self.workdir / "features")
+        per_split = {}
+        for split in cache.splits:
+            labels = [lab for lab in cache.labels(cache.split(split)) if lab is not None]
+            per_split[split] = {"n": len(labels), "positives": int(sum(labels))}
+        return self._finish("label", {**counts, "judge": self.config.judge, "per_split": per_split})
+
+    def train(self) -> dict[str, Any]:
+        from vsteer_hf.train.features import FeatureCache
+        from vsteer_hf.train.trainer import train_value_head
+
+        cache = FeatureCache(self.workdir / "features")
+        result = train_value_head(cache, self.config.train, progress=self.progress)
+        head = result.head
+        head.card.training.update(
+            {"prompts": self.config.prompts, "judge": self.config.judge, "recipe": self.config.to_dict()}
+        )
+        head.save_pretrained(self.workdir / "head")
+        return self._finish(
+            "train",
+            {
+                "history": result.history,
+                "best_epoch": result.best_epoch,
+                "stopped_early": result.stopped_early,
+                "val_auroc": result.val_auroc,
+                "val_auroc_per_position": result.val_auroc_per_position,
+                "class_balance": result.class_balance,
+            },
+        )
+
+    def calibrate(self) -> dict[str, Any]:
+        from vsteer_hf.head import ValueHead
+        from vsteer_hf.train.features import FeatureCache
+        from vsteer_hf.train.trainer import auroc
+
+        cache = FeatureCache(self.workdir / "features")
+        head = ValueHead.from_pretrained(self.workdir / "head")
+        max_risk = {split: _max_risks(head, cache, split) for split in ("validation", "test")}
+        calib_safe = max_risk["validation"][0][max_risk["validation"][1] == 0]
+        heldout_safe = max_risk["test"][0][max_risk["test"][1] == 0]
+        curve = conformal_curve(calib_safe, self.config.alphas)
+        table = calibration_report(calib_safe, heldout_safe, self.config.alphas)
+        head.card.curve = curve
+        head.card.calibration = {
+            "method": "conformal",
+            "split": "validation",
+            "n": int(max_risk["validation"][0].size),
+            "n_safe": int(calib_safe.size),
+            "score": "max over trajectory of p",
+            "guarantee": "P(intervene | safe) <= alpha (intervene iff risk >= threshold)",
+        }
+        head.save_pretrained(self.workdir / "head")
+        test_scores, test_labels = max_risk["test"]
+        return self._finish(
+            "calibrate",
+            {
+                "curve": {str(a): t for a, t in curve.items()},
+                "table": table,
+                "test_auroc_sequence": auroc(test_scores, test_labels),
+                "n_calibration_safe": int(calib_safe.size),
+                "n_heldout_safe": int(heldout_safe.size),
+            },
+        )
+
+    def sweep(self) -> dict[str, Any]:
+        from vsteer_hf import ValueSteerConfig, enable_value_steer
+        from vsteer_hf.backbones import load_backbone
+        from vsteer_hf.eval.judges import get_judge
+        from vsteer_hf.eval.prompts import load_prompts
+        from vsteer_hf.eval.runner import GenerationSettings, generate_method, summarize
+        from vsteer_hf.head import ValueHead
+
+        cfg = self.config
+        head = ValueHead.from_pretrained(self.workdir / "head")
+        model, tokenizer = load_backbone(cfg.backbone, dtype="float32", progress=self.progress)
+        model = enable_value_steer(model)
+        prompts = load_prompts(cfg.prompts, split="validation", limit=cfg.limit)
+        settings = GenerationSettings(
+            samples_per_prompt=cfg.samples_per_prompt,
+            max_new_tokens=cfg.max_new_tokens,
+            top_p=cfg.top_p,
+            temperature=cfg.temperature,
+            batch_size=cfg.batch_size,
+            seed=cfg.seed + 1,
+            chat=cfg.chat,
+        )
+        judge = get_judge(cfg.judge)
+        rows = []
+        base = summarize(
+            generate_method("base", model, tokenizer, prompts, settings, progress=self.progress),
+            judge,
+            cfg.judge_threshold,
+            ppl_model=model,
+        )
+        rows.append({"alpha": None, "threshold": None, **base.as_dict()})
+        for alpha in cfg.sweep_alphas:
+            threshold = head.card.threshold_for_alpha(alpha)
+            steer = ValueSteerConfig(head=head, threshold=threshold, num_candidates=cfg.num_candidates)
+            run = generate_method(f"vfd@{alpha}", model, tokenizer, prompts, settings, steer, progress=self.progress)
+            rows.append(
+                {
+                    "alpha": alpha,
+                    "threshold": threshold,
+                    **summarize(run, judge, cfg.judge_threshold, ppl_model=model).as_dict(),
+                }
+            )
+        base_rate = base.toxic_rate.value
+        halving = [r for r in rows[1:] if r["toxic_rate"]["value"] <= base_rate / 2]
+        chosen = (
+            max(halving, key=lambda r: r["threshold"])
+            if halving
+            else min(rows[1:], key=lambda r: r["toxic_rate"]["value"])
+        )
+        head.card.threshold = chosen["threshold"]
+        head.card.training["threshold_sweep"] = {
+            "split": "validation",
+            "chosen_alpha": chosen["alpha"],
+            "halves_base_rate": bool(halving),
+            "rows": [
+                {k: r[k] for k in ("alpha", "threshold", "toxic_rate", "perplexity", "interventions_per_token")}
+                for r in rows
+            ],
+        }
+        head.save_pretrained(self.workdir / "head")
+        return self._finish(
+            "sweep",
+            {
+                "rows": rows,
+                "recommended_threshold": chosen["threshold"],
+                "recommended_alpha": chosen["alpha"],
+                "halves_base_rate": bool(halving),
+            },
+        )
+
+
+@torch.no_grad()
+def _max_risks(head: Any, cache: Any, split: str) -> tuple[np.ndarray, np.ndarray]:
+    """Per sequence of `split`: (max over its tokens of the head's risk, binary label)."""
+    scores, labels = [], []
+    for i in cache.split(split):
+        features, record = cache[i]
+        scores.append(float(head.p(features).max()) if len(features) else 0.0)
+        labels.append(float(record.get("label", float("nan"))))
+    labels_arr = np.asarray(labels)
+    if np.isnan(labels_arr).any():
+        raise ValueError(f"split {split!r} has unlabelled generations; run the label stage first.")
+    return np.asarray(scores), labels_arr
