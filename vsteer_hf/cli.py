@@ -1,6 +1,7 @@
 """`vsteer` command line: one object per subcommand, `main(argv) -> int`.
 
 vsteer generate --model MODEL --head HEAD --prompt "..." [--chat] [--threshold T | --alpha A] [-k K] [--compare]
+vsteer compare [--methods base,vfd,abstain,profs,profs+vfd,model:ID] [--pairs WORKDIR|PAIRS.jsonl] [--out DIR]
 """
 
 from __future__ import annotations
@@ -259,8 +260,90 @@ class DemoCommand:
         return run_demo(args)
 
 
+class CompareCommand:
+    """Several methods (base, VFD, abstention, ProFS, other models) on the same prompts and seeds, side by side."""
+
+    name = "compare"
+    help = "compare base, vfd, abstain, profs, profs+vfd and other models: toxicity, fluency, speed, memory"
+
+    def add_arguments(self, parser: argparse.ArgumentParser) -> None:
+        methods = parser.add_argument_group("methods")
+        methods.add_argument("--model", default=None, help="base model: name, hub id or folder (default: SmolLM2)")
+        methods.add_argument(
+            "--methods",
+            default="base,vfd,profs,profs+vfd",
+            help="comma-separated: base, vfd, abstain, profs, profs+vfd, model:<hub id or folder>",
+        )
+        methods.add_argument("--head", default=None, help="value head (default: the shipped one)")
+        methods.add_argument("--threshold", type=float, default=None, help="default: the head card's threshold")
+        methods.add_argument("-k", "--num-candidates", type=int, default=8, help="VFD candidates per step")
+        methods.add_argument("--pairs", default=None, help="ProFS pairs: pipeline workdir (train split) or .jsonl")
+        methods.add_argument("--max-pairs", type=int, default=500, help="at most this many ProFS pairs")
+        methods.add_argument("--profs-model", default=None, help="a saved/published ProFS model instead of editing")
+        data = parser.add_argument_group("prompts and sampling (shared by every method)")
+        data.add_argument("--prompts", default="rtp", help="rtp | advbench | harmbench | overrefusal | a file")
+        data.add_argument("--split", default="test", choices=("train", "validation", "test", "all"))
+        data.add_argument("--limit", type=int, default=100, help="number of prompts (stable subset)")
+        data.add_argument("--chat", action="store_true", help="wrap the prompts in the chat template")
+        data.add_argument("--samples-per-prompt", type=int, default=1)
+        data.add_argument("--max-new-tokens", type=int, default=32)
+        data.add_argument("--batch-size", type=int, default=32)
+        data.add_argument("--seed", type=int, default=0)
+        metrics = parser.add_argument_group("metrics")
+        metrics.add_argument("--judge", default="toxicity", help="toxicity judge: toxicity | llm:<model>")
+        metrics.add_argument("--safety-judge", default=None, help="llm:<model> for the unsafe rate (optional)")
+        metrics.add_argument("--overrefusal-prompts", default="overrefusal", help="benign-but-edgy prompts")
+        metrics.add_argument("--overrefusal-limit", type=int, default=20, help="benign prompts per method (0: skip)")
+        metrics.add_argument("--reference-tokens", type=int, default=2048, help="reference-text tokens (0: skip)")
+        metrics.add_argument("--reference-text", default=None, help="a UTF-8 text file instead of the built-in")
+        run = parser.add_argument_group("run")
+        run.add_argument("--device", default=None, help="cpu, cuda or 'auto' (default: cuda when available)")
+        run.add_argument("--dtype", default="auto", help="auto, float32, bfloat16, float16")
+        run.add_argument("--out", default=None, help="folder for compare.md, compare.json and compare.png")
+        run.add_argument("--no-progress", action="store_true", help="hide progress bars")
+
+    def run(self, args: argparse.Namespace) -> int:
+        from vsteer_hf.eval.compare import CompareOptions, run_compare
+
+        options = CompareOptions(
+            methods=args.methods,
+            head=args.head,
+            threshold=args.threshold,
+            num_candidates=args.num_candidates,
+            prompts=args.prompts,
+            split=None if args.split == "all" else args.split,
+            limit=args.limit,
+            chat=args.chat,
+            samples_per_prompt=args.samples_per_prompt,
+            max_new_tokens=args.max_new_tokens,
+            batch_size=args.batch_size,
+            seed=args.seed,
+            judge=args.judge,
+            safety_judge=args.safety_judge,
+            overrefusal_prompts=args.overrefusal_prompts,
+            overrefusal_limit=args.overrefusal_limit,
+            pairs=args.pairs,
+            max_pairs=args.max_pairs,
+            profs_model=args.profs_model,
+            reference_tokens=args.reference_tokens,
+            reference_text=args.reference_text,
+            device=args.device,
+            dtype=args.dtype,
+            out=args.out,
+            progress=not args.no_progress,
+        )
+        if args.model is not None:
+            options.model = args.model
+        result = run_compare(options)
+        print(result.markdown())
+        if args.out:
+            print(f"outputs (compare.md, compare.json, compare.png) in {args.out}")
+        return 1 if all(row.error for row in result.rows) else 0
+
+
 COMMANDS = (
     DemoCommand(),
+    CompareCommand(),
     GenerateCommand(),
     StageCommand("extract", "decode-matched feature extraction (needs the backbone)", ("extract",)),
     StageCommand("label", "judge every extracted generation", ("label",)),

@@ -60,8 +60,10 @@ class ToxicityJudge:
         if self._predict_prob is None:
             from vsteer_hf._pip import ensure_package, package_dir
 
-            fix = f"pip install --no-deps {PROFANITY_REQUIREMENT} && "
-            f"pip install {SKLEARN_REQUIREMENT} {JOBLIB_REQUIREMENT}"
+            fix = (
+                f"pip install --no-deps {PROFANITY_REQUIREMENT} && "
+                f"pip install {SKLEARN_REQUIREMENT} {JOBLIB_REQUIREMENT}"
+            )
             if package_dir("sklearn") is not None:
                 installed = importlib.metadata.version("scikit-learn")
                 if installed != SKLEARN_REQUIREMENT.split("==")[1]:

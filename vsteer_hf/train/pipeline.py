@@ -56,7 +56,7 @@ class PipelineConfig:
     judge: str = "toxicity"
     judge_threshold: float = 0.5
     alphas: tuple[float, ...] = DEFAULT_ALPHAS
-    sweep_alphas: tuple[float, ...] = (0.5, 0.3, 0.2, 0.1, 0.05)
+    sweep_alphas: tuple[float, ...] = (0.5, 0.3, 0.2, 0.1)
     num_candidates: int = 8
     train: TrainConfig = field(default_factory=TrainConfig)
 
