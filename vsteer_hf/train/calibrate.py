@@ -40,7 +40,7 @@ __all__ = [
     "ville_threshold",
 ]
 
-DEFAULT_ALPHAS = (0.01, 0.02, 0.05, 0.1, 0.15, 0.2, 0.3, 0.4, 0.5)
+DEFAULT_ALPHAS = (0.01, 0.02, 0.05, 0.1, 0.15, 0.2, 0.3, 0.4, 0.5, 0.6, 0.7, 0.8, 0.9)
 METHODS = ("conformal", "martingale")
 _EPS = 1e-12  # risks are clipped to [eps, 1 - eps] before taking odds (as the reference)
 

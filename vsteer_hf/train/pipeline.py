@@ -40,7 +40,8 @@ class PipelineConfig:
     `max_new_tokens`, `top_p`, `temperature`, `batch_size`, `seed`. Labels: `judge` and the score
     above which a generation is undesirable. Calibration: the α grid; ĉ(α) is fitted on the safe
     generations of the validation split and checked on those of the test split. Sweep: VFD with
-    `num_candidates` at ĉ(α) for each of `sweep_alphas`, on the validation prompts.
+    `num_candidates` at ĉ(α) for each of `sweep_alphas`, on the validation prompts, with
+    `sweep_samples_per_prompt` samples each (VFD costs about K times a plain step on a CPU).
     """
 
     backbone: str = "smollm2-135m-instruct"
@@ -51,12 +52,13 @@ class PipelineConfig:
     max_new_tokens: int = 32
     top_p: float = 0.9
     temperature: float = 1.0
-    batch_size: int = 32
+    batch_size: int = 64
     seed: int = 0
     judge: str = "toxicity"
     judge_threshold: float = 0.5
     alphas: tuple[float, ...] = DEFAULT_ALPHAS
-    sweep_alphas: tuple[float, ...] = (0.5, 0.3, 0.2, 0.1)
+    sweep_alphas: tuple[float, ...] = (0.9, 0.7, 0.5, 0.3)
+    sweep_samples_per_prompt: int = 1
     num_candidates: int = 8
     train: TrainConfig = field(default_factory=TrainConfig)
 
@@ -172,7 +174,12 @@ class Pipeline:
         result = train_value_head(cache, self.config.train, progress=self.progress)
         head = result.head
         head.card.training.update(
-            {"prompts": self.config.prompts, "judge": self.config.judge, "recipe": self.config.to_dict()}
+            {
+                "prompts": self.config.prompts,
+                "judge": self.config.judge,
+                "recipe": self.config.to_dict(),
+                "splits": _split_record(cache),
+            }
         )
         head.save_pretrained(self.workdir / "head")
         return self._finish(
@@ -208,14 +215,21 @@ class Pipeline:
             "score": "max over trajectory of p",
             "guarantee": "P(intervene | safe) <= alpha (intervene iff risk >= threshold)",
         }
-        head.save_pretrained(self.workdir / "head")
         test_scores, test_labels = max_risk["test"]
+        test_auroc = auroc(test_scores, test_labels)
+        head.card.calibration["heldout"] = {
+            "split": "test",
+            "n_safe": int(heldout_safe.size),
+            "false_intervention_rate": {str(r["alpha"]): r["false_intervention_rate"] for r in table},
+        }
+        head.card.training["test_auroc_sequence"] = test_auroc
+        head.save_pretrained(self.workdir / "head")
         return self._finish(
             "calibrate",
             {
                 "curve": {str(a): t for a, t in curve.items()},
                 "table": table,
-                "test_auroc_sequence": auroc(test_scores, test_labels),
+                "test_auroc_sequence": test_auroc,
                 "n_calibration_safe": int(calib_safe.size),
                 "n_heldout_safe": int(heldout_safe.size),
             },
@@ -235,7 +249,7 @@ class Pipeline:
         model = enable_value_steer(model)
         prompts = load_prompts(cfg.prompts, split="validation", limit=cfg.limit)
         settings = GenerationSettings(
-            samples_per_prompt=cfg.samples_per_prompt,
+            samples_per_prompt=cfg.sweep_samples_per_prompt,
             max_new_tokens=cfg.max_new_tokens,
             top_p=cfg.top_p,
             temperature=cfg.temperature,
@@ -290,6 +304,17 @@ class Pipeline:
                 "halves_base_rate": bool(halving),
             },
         )
+
+
+def _split_record(cache: Any) -> dict[str, Any]:
+    """How prompts were split, and how many generations each split holds (for the head card)."""
+    from vsteer_hf.eval.prompts import SPLIT_FRACTIONS, SPLIT_SALT
+
+    return {
+        "method": f"sha256('{SPLIT_SALT}' + normalised prompt text) -> uniform -> {SPLIT_FRACTIONS}",
+        "generations": cache.splits,
+        "prompts": {split: len({cache.records[i]["prompt_id"] for i in cache.split(split)}) for split in cache.splits},
+    }
 
 
 @torch.no_grad()
