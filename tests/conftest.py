@@ -87,12 +87,16 @@ CHAT_TEMPLATE = (
 )
 
 
-def tiny_tokenizer():
-    """A word-level fast tokenizer over the tiny vocabulary: no hub, real transformers class."""
+def tiny_tokenizer(rename: dict[str, str] | None = None):
+    """A word-level fast tokenizer over the tiny vocabulary: no hub, real transformers class.
+
+    `rename` gives some word ids another spelling (e.g. {"w10": "safe"}) for tests that need real words.
+    """
     from tokenizers import Tokenizer, models, pre_tokenizers
     from transformers import PreTrainedTokenizerFast
 
-    vocab = {"[PAD]": PAD, "<s>": 1, "</s>": EOS, **{w: i + 3 for i, w in enumerate(WORDS)}}
+    words = [(rename or {}).get(w, w) for w in WORDS]
+    vocab = {"[PAD]": PAD, "<s>": 1, "</s>": EOS, **{w: i + 3 for i, w in enumerate(words)}}
     vocab["user"], vocab["assistant"] = vocab["w3"], vocab["w4"]
     backend = Tokenizer(models.WordLevel(vocab=vocab, unk_token="w5"))
     backend.pre_tokenizer = pre_tokenizers.WhitespaceSplit()

@@ -302,5 +302,3 @@ def test_report_rows():
     )
     with pytest.raises(ValueError, match="priors"):
         calibration_report(pool[:200], pool[200:], method="martingale")
-
-

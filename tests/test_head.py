@@ -145,9 +145,7 @@ def test_folder_prefers_safetensors_then_filename(tmp_path, x):
 
 
 def test_save_pretrained_from_pretrained_round_trip(tmp_path, x):
-    head = ValueHead(
-        H, HeadCard(threshold=0.3, curve={0.05: 0.7, 0.5: 0.3}, backbone="tiny", training={"a": 1})
-    )
+    head = ValueHead(H, HeadCard(threshold=0.3, curve={0.05: 0.7, 0.5: 0.3}, backbone="tiny", training={"a": 1}))
     head.save_pretrained(tmp_path)
     names = set(os.listdir(tmp_path))
     assert {"value_head.safetensors", "value_head.safetensors.meta.json", "config.json"} <= names
@@ -269,9 +267,7 @@ def test_wrong_hidden_size_names_both_sizes(tmp_path):
     with pytest.raises(ValueError, match="value head expects hidden size 16 but the backbone has 576"):
         load_value_head(path, hidden_size=576)
     head = load_value_head(path)
-    with pytest.raises(
-        ValueError, match=r"decode: value head expects hidden size 16 but the backbone has 8\b"
-    ):
+    with pytest.raises(ValueError, match=r"decode: value head expects hidden size 16 but the backbone has 8\b"):
         check_head_matches(head, 8, "decode")
     check_head_matches(head, H, "decode")
 
@@ -329,9 +325,7 @@ def test_corrupt_sidecar_json(tmp_path):
     path, _ = write_plugin_checkpoint(str(tmp_path))
     with open(path + ".meta.json", "w") as f:
         f.write("{not json")
-    with pytest.raises(
-        ValueError, match=re.escape(path + ".meta.json") + ": value-head sidecar is not valid JSON"
-    ):
+    with pytest.raises(ValueError, match=re.escape(path + ".meta.json") + ": value-head sidecar is not valid JSON"):
         load_value_head(path)
 
 
@@ -366,13 +360,9 @@ def test_threshold_for_alpha():
     assert card.threshold_for_alpha(0.45) == 0.36
     assert card.threshold_for_alpha(0.35) == pytest.approx((0.52 + 0.36) / 2)
     assert card.threshold_for_alpha(0.10) == pytest.approx(0.75 + (0.52 - 0.75) * 0.25)
-    with pytest.raises(
-        ValueError, match=r"alpha=0.01 is outside the calibrated range \[0.05, 0.85\].*threshold="
-    ):
+    with pytest.raises(ValueError, match=r"alpha=0.01 is outside the calibrated range \[0.05, 0.85\].*threshold="):
         card.threshold_for_alpha(0.01)
     with pytest.raises(ValueError, match="outside the calibrated range"):
         card.threshold_for_alpha(0.9)
-    with pytest.raises(
-        ValueError, match="no conformal ĉ\\(α\\) curve; pass threshold= explicitly or calibrate"
-    ):
+    with pytest.raises(ValueError, match="no conformal ĉ\\(α\\) curve; pass threshold= explicitly or calibrate"):
         HeadCard().threshold_for_alpha(0.1)

@@ -6,7 +6,7 @@ import math
 
 import pytest
 import torch
-from conftest import CHAT_TEMPLATE, EOS, PAD, VOCAB, WORDS, tiny_model, tiny_tokenizer
+from conftest import EOS, PAD, VOCAB, tiny_model, tiny_tokenizer
 
 from vsteer_hf._pip import PackageInstallError
 from vsteer_hf.eval.judges import (
@@ -92,19 +92,7 @@ def test_parse_verdict():
 
 def verdict_tokenizer():
     """conftest's word-level tokenizer, with three of its words renamed 'safe', 'unsafe' and 'S1'."""
-    from tokenizers import Tokenizer, models, pre_tokenizers
-    from transformers import PreTrainedTokenizerFast
-
-    words = [{"w10": "safe", "w11": "unsafe", "w12": "S1"}.get(w, w) for w in WORDS]
-    vocab = {"[PAD]": PAD, "<s>": 1, "</s>": EOS, **{w: i + 3 for i, w in enumerate(words)}}
-    vocab["user"], vocab["assistant"] = vocab["w3"], vocab["w4"]
-    backend = Tokenizer(models.WordLevel(vocab=vocab, unk_token="w5"))
-    backend.pre_tokenizer = pre_tokenizers.WhitespaceSplit()
-    tok = PreTrainedTokenizerFast(
-        tokenizer_object=backend, pad_token="[PAD]", bos_token="<s>", eos_token="</s>", unk_token="w5"
-    )
-    tok.chat_template = CHAT_TEMPLATE
-    return tok
+    return tiny_tokenizer({"w10": "safe", "w11": "unsafe", "w12": "S1"})
 
 
 def force(model, token_ids, value=1e4):

@@ -77,9 +77,7 @@ def tiny_tokenizer() -> PreTrainedTokenizerFast:
     vocab = {"[UNK]": 0, "<s>": 1, "</s>": 2, **{w: i + 3 for i, w in enumerate(WORDS)}}
     backend = Tokenizer(models.WordLevel(vocab=vocab, unk_token="[UNK]"))
     backend.pre_tokenizer = pre_tokenizers.Whitespace()
-    return PreTrainedTokenizerFast(
-        tokenizer_object=backend, unk_token="[UNK]", bos_token="<s>", eos_token="</s>"
-    )
+    return PreTrainedTokenizerFast(tokenizer_object=backend, unk_token="[UNK]", bos_token="<s>", eos_token="</s>")
 
 
 def value_module(model: nn.Module, layer: int) -> nn.Module:
@@ -319,9 +317,7 @@ def test_apply_profs_end_to_end_save_and_load(tmp_path):
     for layer in (0, 1):
         assert torch.equal(value_module(model, layer).weight, value_module(original, layer).weight)
     embed = ProFSConfig().max_length
-    p = layer_sentence_embeddings(
-        original, tok, preferred, layers=[2, 3], show_progress=False, max_length=embed
-    )
+    p = layer_sentence_embeddings(original, tok, preferred, layers=[2, 3], show_progress=False, max_length=embed)
     n = layer_sentence_embeddings(original, tok, toxic, layers=[2, 3], show_progress=False, max_length=embed)
     for row, layer in enumerate((2, 3)):
         basis, _ = toxic_subspace(p[row], n[row], k=2)

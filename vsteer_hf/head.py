@@ -435,9 +435,7 @@ def _resolve(
         names = (filename,) if filename is not None else DEFAULT_FILENAMES
         found = [os.path.join(src, n) for n in names if os.path.isfile(os.path.join(src, n))]
         if not found:
-            raise FileNotFoundError(
-                f"{src}: no value-head weights (looked for {list(names)}); pass filename="
-            )
+            raise FileNotFoundError(f"{src}: no value-head weights (looked for {list(names)}); pass filename=")
         weights = found[0]
     elif _looks_local(src) or os.path.isabs(src):
         raise FileNotFoundError(f"{src}: no such value-head file or folder")
@@ -464,9 +462,7 @@ def _download(
             raise FileNotFoundError(
                 f"{where}: none of {list(names)} is in the local cache and the hub is unreachable ({offline})"
             ) from offline
-        raise FileNotFoundError(
-            f"{where} has none of {list(names)}; pass filename= (e.g. 'mistral/hh-rlhf.bin')"
-        )
+        raise FileNotFoundError(f"{where} has none of {list(names)}; pass filename= (e.g. 'mistral/hh-rlhf.bin')")
     try:
         sidecar = hf_hub_download(repo_id, name + SIDECAR_SUFFIX, revision=revision, **hub_kwargs)
     except EntryNotFoundError as e:

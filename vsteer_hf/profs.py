@@ -102,9 +102,7 @@ def find_value_projection(layer: nn.Module, hidden_size: int) -> tuple[str, nn.M
     children = list(layer.named_children())
     mlp_like = [(n, c) for n, c in children if any(p in n.lower() for p in _MLP_NAME_PARTS)]
     other = [
-        (n, c)
-        for n, c in children
-        if (n, c) not in mlp_like and not any(p in n.lower() for p in _ATTENTION_NAME_PARTS)
+        (n, c) for n, c in children if (n, c) not in mlp_like and not any(p in n.lower() for p in _ATTENTION_NAME_PARTS)
     ]
     scopes = [[(f"{n}.{s}" if s else n, m) for s, m in c.named_modules()] for n, c in mlp_like]
     scopes.append(children)
@@ -113,8 +111,7 @@ def find_value_projection(layer: nn.Module, hidden_size: int) -> tuple[str, nn.M
         experts = [n for n, _ in scope if "expert" in n.lower()]
         if experts:
             raise NotImplementedError(
-                f"{type(layer).__name__} has a mixture-of-experts MLP ({experts[0]}); ProFS here edits "
-                "dense MLPs only."
+                f"{type(layer).__name__} has a mixture-of-experts MLP ({experts[0]}); ProFS here edits dense MLPs only."
             )
         candidates = _value_candidates(scope, hidden_size)
         if candidates:
@@ -305,15 +302,11 @@ class ProFSConfig:
     reference code leaves untouched (it edits `weight` tensors only).
     """
 
-    k: int | Literal["auto"] = field(
-        default="auto", metadata={"help": "Subspace rank, or 'auto' (see default_k)."}
-    )
+    k: int | Literal["auto"] = field(default="auto", metadata={"help": "Subspace rank, or 'auto' (see default_k)."})
     layers: Literal["auto"] | Sequence[int] = field(
         default="auto", metadata={"help": "Decoder layer indices to edit, or 'auto' (see default_layers)."}
     )
-    centering: bool = field(
-        default=True, metadata={"help": "Remove the preferred embeddings' top direction."}
-    )
+    centering: bool = field(default=True, metadata={"help": "Remove the preferred embeddings' top direction."})
     batch_size: int = field(default=8, metadata={"help": "Texts per forward pass when embedding."})
     max_length: int | None = field(default=128, metadata={"help": "Truncate texts to this many tokens."})
     project_bias: bool = field(default=True, metadata={"help": "Also project the MLP output bias."})
@@ -375,15 +368,11 @@ class ProFSRecord:
 
 def _resolve(config: ProFSConfig, model: nn.Module, num_pairs: int) -> tuple[int, list[int]]:
     num_layers = len(decoder_layers(model))
-    layers = (
-        default_layers(num_layers) if config.layers == "auto" else _check_layer_ids(config.layers, num_layers)
-    )
+    layers = default_layers(num_layers) if config.layers == "auto" else _check_layer_ids(config.layers, num_layers)
     hidden = _hidden_size(model)
     k = default_k(hidden, num_pairs) if config.k == "auto" else int(config.k)
     if k > min(num_pairs, hidden):
-        raise ValueError(
-            f"k={k} exceeds min(pairs={num_pairs}, hidden={hidden}); lower k, add pairs, or use k='auto'."
-        )
+        raise ValueError(f"k={k} exceeds min(pairs={num_pairs}, hidden={hidden}); lower k, add pairs, or use k='auto'.")
     return k, layers
 
 
@@ -500,9 +489,7 @@ def load_profs_record(directory: str | Path) -> ProFSRecord:
     if path.is_dir():
         path = path / PROFS_RECORD_NAME
         if not path.is_file():
-            raise FileNotFoundError(
-                f"No {PROFS_RECORD_NAME} in {directory}; was it saved by save_profs_model?"
-            )
+            raise FileNotFoundError(f"No {PROFS_RECORD_NAME} in {directory}; was it saved by save_profs_model?")
     else:
         from huggingface_hub import hf_hub_download
 
@@ -594,25 +581,20 @@ def read_pairs_jsonl(path: str | Path) -> list[PreferencePair]:
     pairs of whole texts); returns (prompt, prompt + preferred, prompt + non_preferred) like
     `preference_pairs_from_cache`.
     """
+    from vsteer_hf.eval.prompts import iter_jsonl
+
     path = Path(path)
     pairs = []
-    with open(path, encoding="utf-8") as f:
-        for lineno, line in enumerate(f, start=1):
-            if not line.strip():
-                continue
-            try:
-                item = json.loads(line)
-            except json.JSONDecodeError as err:
-                raise ValueError(f"{path}:{lineno}: not valid JSON ({err.msg})") from err
-            prompt = item.get("prompt", "") if isinstance(item, dict) else None
-            good = item.get("preferred") if isinstance(item, dict) else None
-            bad = item.get("non_preferred") if isinstance(item, dict) else None
-            if not all(isinstance(x, str) for x in (prompt, good, bad)):
-                raise ValueError(
-                    f"{path}:{lineno}: expected an object with string 'preferred' and 'non_preferred' (and an "
-                    f"optional string 'prompt'), got {line.strip()[:200]!r}"
-                )
-            pairs.append((prompt, prompt + good, prompt + bad))
+    for lineno, item in iter_jsonl(path):
+        prompt = item.get("prompt", "") if isinstance(item, dict) else None
+        good = item.get("preferred") if isinstance(item, dict) else None
+        bad = item.get("non_preferred") if isinstance(item, dict) else None
+        if not all(isinstance(x, str) for x in (prompt, good, bad)):
+            raise ValueError(
+                f"{path}:{lineno}: expected an object with string 'preferred' and 'non_preferred' (and an "
+                f"optional string 'prompt'), got {json.dumps(item)[:200]}"
+            )
+        pairs.append((prompt, prompt + good, prompt + bad))
     if not pairs:
         raise ValueError(f"{path}: no preference pairs in the file.")
     return pairs

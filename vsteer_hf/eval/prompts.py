@@ -222,21 +222,24 @@ def _record(item: Any, where: str, default_id: str, source: str) -> PromptRecord
     return PromptRecord(str(item.get("id", default_id)), text, source, category)
 
 
-def read_jsonl(path: str | os.PathLike, source: str | None = None) -> list[PromptRecord]:
-    """One JSON object per line with ``prompt`` (or ``text``), optional ``id`` and ``category``."""
+def iter_jsonl(path: str | os.PathLike) -> Iterable[tuple[int, Any]]:
+    """(line number, parsed object) for each non-blank line; a bad line is an error naming file and line."""
     path = Path(path)
-    source = source or path.stem
-    records = []
     with open(path, encoding="utf-8") as f:
         for lineno, line in enumerate(f, start=1):
             if not line.strip():
                 continue
             try:
-                item = json.loads(line)
+                yield lineno, json.loads(line)
             except json.JSONDecodeError as err:
                 raise ValueError(f"{path}:{lineno}: not valid JSON ({err.msg})") from err
-            records.append(_record(item, f"{path}:{lineno}", f"{source}-{lineno}", source))
-    return records
+
+
+def read_jsonl(path: str | os.PathLike, source: str | None = None) -> list[PromptRecord]:
+    """One JSON object per line with ``prompt`` (or ``text``), optional ``id`` and ``category``."""
+    path = Path(path)
+    source = source or path.stem
+    return [_record(item, f"{path}:{lineno}", f"{source}-{lineno}", source) for lineno, item in iter_jsonl(path)]
 
 
 def _read_json(path: Path, source: str | None = None) -> list[PromptRecord]:

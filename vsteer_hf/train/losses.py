@@ -40,9 +40,7 @@ def _token_targets(logits: Tensor, labels: Tensor) -> Tensor:
         return labels.unsqueeze(1).expand_as(logits)  # (B, T)
     if labels.shape == logits.shape:
         return labels
-    raise ValueError(
-        f"labels must be (batch,) or (batch, tokens) = {tuple(logits.shape)}, got {tuple(labels.shape)}."
-    )
+    raise ValueError(f"labels must be (batch,) or (batch, tokens) = {tuple(logits.shape)}, got {tuple(labels.shape)}.")
 
 
 def focal_loss(
