@@ -467,3 +467,58 @@ def test_sliding_window_cache_past_the_window_can_be_continued():
     )
     fresh = model.generate(input_ids=seq, attention_mask=full_mask, max_new_tokens=4, eos_token_id=None)
     assert torch.equal(cont, fresh)
+
+
+def test_review_regressions_hidden_states_positional_config_and_tensor_thresholds():
+    from transformers import GenerationConfig
+
+    model = enable_value_steer(tiny_model("llama"))
+    ids, mask = batch_inputs(2)
+    head = make_head(32, bias=-50.0)
+    kw = dict(
+        input_ids=ids,
+        attention_mask=mask,
+        max_new_tokens=4,
+        eos_token_id=None,
+        return_dict_in_generate=True,
+        output_hidden_states=True,
+    )
+    plain = model.generate(**kw)
+    steered = model.generate(**kw, value_steer=ValueSteerConfig(head=head, threshold=torch.tensor([0.4, 0.6])))
+    assert len(steered.hidden_states) == len(plain.hidden_states) == 4
+    assert torch.equal(steered.thresholds, torch.tensor([0.4, 0.6]))
+    with pytest.raises(ValueError, match="num_beams"):
+        model.generate(
+            ids, GenerationConfig(num_beams=2, max_new_tokens=2), value_steer=ValueSteerConfig(head=head, threshold=0.5)
+        )
+    with pytest.raises(ValueError, match="threshold must be a number"):
+        ValueSteerConfig(head=head, threshold="high")
+
+
+def test_unpadded_batch_without_attention_mask_matches_plain_generate():
+    model = enable_value_steer(tiny_model("llama"))
+    ids = torch.randint(3, 90, (2, 5), generator=torch.Generator().manual_seed(1))
+    head = make_head(32, bias=-50.0)
+    for path in ("tree", "expand"):
+        plain = model.generate(input_ids=ids, max_new_tokens=5, eos_token_id=None)
+        steered = model.generate(
+            input_ids=ids,
+            max_new_tokens=5,
+            eos_token_id=None,
+            value_steer=ValueSteerConfig(head=head, threshold=0.5, num_candidates=2, candidate_forward=path),
+        )
+        assert torch.equal(plain, steered)
+
+
+def test_abstention_processor_resets_for_a_longer_prompt():
+    from vsteer_hf.hf.abstain import ValueAbstentionProcessor
+
+    model = tiny_model("llama")
+    head = make_head(32, bias=50.0)
+    with ValueAbstentionProcessor(model, head, 0.5) as processor:
+        short, _ = batch_inputs(2, length=4)
+        model.generate(input_ids=short, max_new_tokens=3, eos_token_id=EOS, logits_processor=[processor])
+        long, _ = batch_inputs(3, length=9)
+        out = model.generate(input_ids=long, max_new_tokens=3, eos_token_id=EOS, logits_processor=[processor])
+    assert processor.abstained.shape == (3,) and processor.abstained.all()
+    assert (processor.abstain_step == 0).all() and (out[:, 9] == EOS).all()

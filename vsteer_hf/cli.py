@@ -52,7 +52,10 @@ class GenerateCommand:
             if tokenizer.eos_token is None:
                 raise SystemExit("error: the tokenizer has neither a pad nor an eos token; cannot batch prompts.")
             tokenizer.pad_token = tokenizer.eos_token
-        load_kwargs: dict[str, Any] = {"dtype": args.dtype if args.dtype == "auto" else getattr(torch, args.dtype)}
+        dtypes = {"auto": "auto", "float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+        if args.dtype not in dtypes:
+            raise ValueError(f"--dtype {args.dtype!r} is not one of {sorted(dtypes)}.")
+        load_kwargs: dict[str, Any] = {"dtype": dtypes[args.dtype]}
         if args.device == "auto":
             load_kwargs["device_map"] = "auto"
         model = AutoModelForCausalLM.from_pretrained(args.model, **load_kwargs)

@@ -83,7 +83,7 @@ class ValueSteerConfig:
                 "or alpha= (a false-intervention rate on the head's calibrated curve)."
             )
         if self.threshold is not None:
-            values = [self.threshold] if isinstance(self.threshold, (int, float)) else list(self.threshold)
+            values = _threshold_values(self.threshold)
             resolve_thresholds(values, len(values), "cpu")  # range check now, length check per batch
         if self.alpha is not None and not 0.0 < float(self.alpha) < 1.0:
             raise ValueError(f"alpha must lie in (0, 1), got {self.alpha!r}.")
@@ -106,7 +106,9 @@ class ValueSteerConfig:
 
         head = self.head
         if not isinstance(head, ValueHead):
-            head = _load_cached(os.fspath(head), self.head_filename, self.head_revision)
+            source = os.fspath(head)
+            stamp = os.stat(source).st_mtime_ns if os.path.exists(source) else None  # a retrained head reloads
+            head = _load_cached(source, self.head_filename, self.head_revision, stamp)
         if hidden_size is not None:
             check_head_matches(head, hidden_size, where="the backbone (config.hidden_size)")
         return head
@@ -119,8 +121,18 @@ class ValueSteerConfig:
         return resolve_thresholds(head.card.threshold_for_alpha(float(self.alpha)), batch_size, device)
 
 
+def _threshold_values(threshold: object) -> list[float]:
+    """A float, a sequence, a numpy value or a tensor, as a flat list (bad types: a clear error)."""
+    try:
+        flat = torch.as_tensor(threshold, dtype=torch.float64).flatten()
+    except (TypeError, ValueError, RuntimeError) as err:
+        raise ValueError(f"threshold must be a number in [0, 1] or one per batch row, got {threshold!r}.") from err
+    return flat.tolist()
+
+
 @lru_cache(maxsize=4)
-def _load_cached(source: str, filename: str | None, revision: str | None) -> ValueHead:
+def _load_cached(source: str, filename: str | None, revision: str | None, stamp: int | None) -> ValueHead:
+    """One load per (source, file, revision, modification time): reused across generate calls."""
     from vsteer_hf.head import load_value_head
 
     return load_value_head(source, filename=filename, revision=revision)

@@ -176,11 +176,11 @@ def summarize(
     )
 
 
-def summary_table(summaries: list[MethodSummary]) -> str:
-    """Markdown table of summaries, one row per method."""
+def summary_table(summaries: list[MethodSummary], threshold: float = 0.5) -> str:
+    """Markdown table of summaries, one row per method (`threshold`: the judge score counted as toxic)."""
     lines = [
-        "| method | n | toxic rate (judge > 0.5) | mean toxicity | perplexity (base model) | interventions/token "
-        "| abstained | tokens/s |",
+        f"| method | n | toxic rate (judge > {threshold:g}) | mean toxicity | perplexity (base model) "
+        "| interventions/token | abstained | tokens/s |",
         "|---|---|---|---|---|---|---|---|",
     ]
     for s in summaries:

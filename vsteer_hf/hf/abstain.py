@@ -23,7 +23,7 @@ class ValueAbstentionProcessor(LogitsProcessor):
 
     After generate, `abstained` (B,) and `abstain_step` (B,; -1 where none) say which rows ended
     and at which generated position; `risks` holds one (B,) tensor per step (the state that decided
-    that step). A new generate call (a shorter `input_ids`) starts fresh.
+    that step). A call whose `input_ids` is not one token longer than the last one starts a new generation.
     """
 
     def __init__(
@@ -62,7 +62,7 @@ class ValueAbstentionProcessor(LogitsProcessor):
 
     def __call__(self, input_ids: torch.LongTensor, scores: torch.FloatTensor) -> torch.FloatTensor:
         length = input_ids.shape[1]
-        if length <= self._last_len:
+        if length != self._last_len + 1:  # not the next step of the same generate call
             self._reset()
         self._last_len = length
         if self._hidden is None:

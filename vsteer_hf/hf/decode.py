@@ -111,9 +111,7 @@ def value_steered_sample(
     output_logits = generation_config.output_logits
     output_hidden = generation_config.output_hidden_states and return_dict
 
-    prefix_mask = model_kwargs.get("attention_mask")
-    if prefix_mask is None:
-        prefix_mask = torch.ones_like(input_ids)
+    prefix_mask = model_kwargs.get("attention_mask")  # None when generate dropped an all-ones mask
     cache = model_kwargs.get("past_key_values")
 
     # Prefill exactly as generate does; catch the last prompt state on its way into lm_head.
@@ -127,6 +125,8 @@ def value_steered_sample(
     cache = outputs.past_key_values if outputs.past_key_values is not None else cache
     if cache is None:
         raise ValueError("value steering needs the KV cache; do not pass use_cache=False.")
+    if prefix_mask is None:  # no padding: every cached position is a real token
+        prefix_mask = torch.ones(batch, int(cache.get_seq_length()), dtype=torch.long, device=input_ids.device)
     assert capture.hidden is not None
     next_logits = outputs.logits[:, -1].to(copy=True, dtype=torch.float32, device=input_ids.device)
     _check_logits_path(model, capture.hidden, outputs.logits[:, -1])
@@ -201,7 +201,7 @@ def value_steered_sample(
                 "Check the head's weights and the backbone's dtype (try float32)."
             )
         if steer.mode == "vfd" and k > 1:
-            cand_probs = policy.candidate_probs(probs, candidates) if probs is not None else None
+            cand_probs = policy.candidate_probs(probs, candidates).to(risks.device) if probs is not None else None
             winner = policy.select_candidates(
                 risks, thresholds, steer.rule, probs=cand_probs, args_weight=steer.args_weight
             )  # (B,)
@@ -237,6 +237,8 @@ def value_steered_sample(
 
     if streamer is not None:
         streamer.end()
+    if hidden_steps is not None:  # like generate: one entry per score (the last step's forward scored nothing)
+        hidden_steps = hidden_steps[:step]
     forward.collapse_cache()
     forward.drop_last()
     if not return_dict:

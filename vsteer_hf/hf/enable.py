@@ -36,7 +36,7 @@ class ValueSteerMixin:
                 f"value_steer must be a ValueSteerConfig, got {type(value_steer).__name__}. "
                 "Build one with ValueSteerConfig(head=..., threshold=...)."
             )
-        _refuse_unsteerable(self, kwargs)
+        _refuse_unsteerable(self, args, kwargs)
         state = {"config": value_steer, "entered": False}
         token = _ACTIVE.set(state)
         try:
@@ -101,7 +101,7 @@ class ValueSteerMixin:
         )
 
 
-def _refuse_unsteerable(model: Any, kwargs: dict[str, Any]) -> None:
+def _refuse_unsteerable(model: Any, args: tuple[Any, ...], kwargs: dict[str, Any]) -> None:
     """Fail before any work for decoding strategies value steering cannot drive."""
     if kwargs.get("assistant_model") is not None or kwargs.get("prompt_lookup_num_tokens"):
         raise ValueError(
@@ -111,7 +111,8 @@ def _refuse_unsteerable(model: Any, kwargs: dict[str, Any]) -> None:
     if kwargs.get("custom_generate") is not None:
         raise ValueError("value_steer already replaces the decoding loop; drop custom_generate.")
     probe = {k: v for k, v in kwargs.items() if k not in ("input_ids", "attention_mask", "inputs")}
-    generation_config, _ = model._prepare_generation_config(probe.pop("generation_config", None), **probe)
+    positional_config = args[1] if len(args) > 1 else None  # generate(inputs, generation_config, ...)
+    generation_config, _ = model._prepare_generation_config(probe.pop("generation_config", positional_config), **probe)
     mode = generation_config.get_generation_mode()
     if mode not in _STEERABLE_MODES:
         raise ValueError(
