@@ -522,3 +522,32 @@ def test_abstention_processor_resets_for_a_longer_prompt():
         out = model.generate(input_ids=long, max_new_tokens=3, eos_token_id=EOS, logits_processor=[processor])
     assert processor.abstained.shape == (3,) and processor.abstained.all()
     assert (processor.abstain_step == 0).all() and (out[:, 9] == EOS).all()
+
+
+def test_direction_comes_from_the_head_card_and_vfd_refuses_a_value_head():
+    model = enable_value_steer(tiny_model("llama"))
+    ids, mask = batch_inputs(2)
+    head = make_head(32, bias=-50.0)  # risk ~ 0: a "value" that is always low
+    head.card.risk_direction = "below"
+    out = model.generate(
+        input_ids=ids,
+        attention_mask=mask,
+        max_new_tokens=3,
+        eos_token_id=EOS,
+        return_dict_in_generate=True,
+        value_steer=ValueSteerConfig(head=head, threshold=0.5, mode="abstain"),
+    )
+    assert out.abstained.all() and (out.abstain_step == 0).all()  # the card's "below" was used
+    out = model.generate(
+        input_ids=ids,
+        attention_mask=mask,
+        max_new_tokens=3,
+        eos_token_id=EOS,
+        return_dict_in_generate=True,
+        value_steer=ValueSteerConfig(head=head, threshold=0.5, mode="abstain", direction="above"),
+    )
+    assert not out.abstained.any()  # an explicit direction wins
+    with pytest.raises(ValueError, match="P\\(undesirable\\)"):
+        model.generate(
+            input_ids=ids, attention_mask=mask, max_new_tokens=3, value_steer=ValueSteerConfig(head=head, threshold=0.5)
+        )

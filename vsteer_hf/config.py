@@ -38,8 +38,9 @@ class ValueSteerConfig:
         mode: `vfd` (pick among K candidates) or `abstain` (sample normally, end with EOS on crossing).
         rule: `first_safe` (first candidate under the threshold, else lowest risk) or `args`
             (argmin risk - args_weight * probability).
-        direction: for abstention, `above` ends rows whose risk rises above the threshold (heads that
-            score P(undesirable), like the published ones) and `below` the opposite.
+        direction: for abstention, `above` ends rows whose risk reaches the threshold (heads that
+            score P(undesirable), like the published ones) and `below` rows whose value falls under it.
+            Default: the head card's `risk_direction`. VFD refuses a `below` head.
     Mechanics:
         num_candidates: K candidate tokens per step (VFD; default 8). Sampled from the warped distribution when
             `do_sample`, else the K most probable tokens.
@@ -56,7 +57,7 @@ class ValueSteerConfig:
     mode: Literal["vfd", "abstain"] = "vfd"
     rule: Literal["first_safe", "args"] = "first_safe"
     args_weight: float = 1.0
-    direction: Literal["above", "below"] = "above"
+    direction: Literal["above", "below"] | None = None
     candidate_forward: Literal["auto", "tree", "expand"] = "auto"
     trace_candidates: bool = False
     trace_features: bool = False
@@ -71,7 +72,7 @@ class ValueSteerConfig:
             raise ValueError(f"mode={self.mode!r} is not one of {MODES}.")
         if self.rule not in RULES:
             raise ValueError(f"rule={self.rule!r} is not one of {RULES}.")
-        if self.direction not in DIRECTIONS:
+        if self.direction is not None and self.direction not in DIRECTIONS:
             raise ValueError(f"direction={self.direction!r} is not one of {DIRECTIONS}.")
         if self.candidate_forward not in CANDIDATE_PATHS:
             raise ValueError(f"candidate_forward={self.candidate_forward!r} is not one of {CANDIDATE_PATHS}.")
@@ -112,6 +113,17 @@ class ValueSteerConfig:
         if hidden_size is not None:
             check_head_matches(head, hidden_size, where="the backbone (config.hidden_size)")
         return head
+
+    def risk_direction(self, head: ValueHead) -> str:
+        """`direction` if given, else the head card's; VFD needs a head that scores P(undesirable)."""
+        direction = self.direction or head.card.risk_direction
+        if self.mode == "vfd" and direction != "above":
+            raise ValueError(
+                "VFD keeps candidates whose risk is below the threshold, so it needs a head that scores "
+                f"P(undesirable) (direction 'above'); this one is {direction!r}. Use mode='abstain', or a head "
+                "trained with undesirable = 1."
+            )
+        return direction
 
     def thresholds(self, head: ValueHead, batch_size: int, device: torch.device | str) -> torch.Tensor:
         """Per-row thresholds (B,), from `threshold` or from `alpha` on the head's ĉ(α) curve."""

@@ -134,6 +134,7 @@ def value_steered_sample(
     if next(head.parameters()).device != feature_device:
         head.to(feature_device)  # the head runs where the final norm is (device_map="auto")
     thresholds = steer.thresholds(head, batch, feature_device)  # (B,)
+    direction = steer.risk_direction(head)
 
     path = choose_path(steer.candidate_forward, cache, getattr(model.config, "_attn_implementation", None))
     forward = CandidateForward(
@@ -152,7 +153,7 @@ def value_steered_sample(
     unfinished = torch.ones(batch, dtype=torch.bool, device=input_ids.device)
     abstain_pending = torch.zeros(batch, dtype=torch.bool, device=feature_device)
     if steer.mode == "abstain":  # the last prompt state decides the first token
-        abstain_pending = policy.crossed(head.p(capture.hidden), thresholds, steer.direction)
+        abstain_pending = policy.crossed(head.p(capture.hidden), thresholds, direction)
     abstained = torch.zeros(batch, dtype=torch.bool, device=input_ids.device)
     abstain_step = torch.full((batch,), -1, dtype=torch.long, device=input_ids.device)
 
@@ -223,7 +224,7 @@ def value_steered_sample(
         if hidden_steps is not None and layer_states is not None:
             hidden_steps += (tuple(policy.gather_selected(s, winner.to(s.device))[:, None] for s in layer_states),)
         if steer.mode == "abstain":
-            abstain_pending = policy.crossed(winner_risk, thresholds, steer.direction)
+            abstain_pending = policy.crossed(winner_risk, thresholds, direction)
 
         next_logits = output_embedding_logits(model, winner_hidden).to(dtype=torch.float32, device=input_ids.device)
         input_ids = torch.cat([input_ids, next_tokens[:, None]], dim=-1)
