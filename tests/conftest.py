@@ -111,6 +111,7 @@ def tiny_tokenizer(rename: dict[str, str] | None = None):
 def model_dir(tmp_path):
     """A tiny Llama and its tokenizer saved to a local folder, as from_pretrained expects."""
     folder = tmp_path / "tiny-llama"
-    tiny_model("llama").save_pretrained(folder)
+    # room for the README quickstart's max_new_tokens=400 (steering refuses to run past the positions)
+    tiny_model("llama", max_position_embeddings=1024).save_pretrained(folder)
     tiny_tokenizer().save_pretrained(folder)
     return folder

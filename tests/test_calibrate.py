@@ -302,3 +302,33 @@ def test_report_rows():
     )
     with pytest.raises(ValueError, match="priors"):
         calibration_report(pool[:200], pool[200:], method="martingale")
+
+
+@settings(max_examples=25, deadline=None)
+@given(
+    n=st.integers(10, 120),
+    alphas=st.lists(st.floats(0.02, 0.6), min_size=2, max_size=4, unique=True),
+    seed=st.integers(0, 2**16),
+    shape=st.floats(0.3, 3.0),
+)
+def test_coverage_on_exchangeable_data_and_monotone_threshold(n, alphas, seed, shape):
+    """Any n, α and score distribution (Beta(shape, 2) draws): the threshold falls as α grows, and the
+    false-intervention rate on fresh exchangeable data averages at most α (exact rate (n+1-k)/(n+1))."""
+    rng = np.random.default_rng(seed)
+    trials = 300
+    calib = rng.beta(shape, 2.0, size=(trials, n))
+    fresh = rng.beta(shape, 2.0, size=(trials, 200))
+    # s.e. of the mean rate: the threshold's coverage F(S_(k)) ~ Beta(k, n+1-k) has variance <= 1/(4(n+2)),
+    # plus the binomial noise of 200 fresh draws per trial
+    tolerance = 4 * (0.5 / math.sqrt((n + 2) * trials) + 0.5 / math.sqrt(200 * trials))
+    previous = np.full(trials, np.inf)
+    for alpha in sorted(alphas):
+        thresholds = np.array([conformal_threshold(row, alpha) for row in calib])  # (trials,)
+        assert (thresholds <= previous).all()
+        previous = thresholds
+        rate = float((fresh >= thresholds[:, None]).mean())
+        k = conformal_rank(n, alpha)
+        exact = 0.0 if k > n else (n + 1 - k) / (n + 1)
+        assert exact <= alpha + 1e-12
+        assert rate <= alpha + tolerance
+        assert rate == pytest.approx(exact, abs=tolerance)

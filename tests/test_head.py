@@ -366,3 +366,171 @@ def test_threshold_for_alpha():
         card.threshold_for_alpha(0.9)
     with pytest.raises(ValueError, match="no conformal ĉ\\(α\\) curve; pass threshold= explicitly or calibrate"):
         HeadCard().threshold_for_alpha(0.1)
+
+
+# --------------------------------------------------------------------------- hostile and damaged checkpoints
+class _Exploit:
+    """Unpickling this would run `open(path, 'w')`, creating a file: the classic pickle attack."""
+
+    def __init__(self, path: str):
+        self.path = path
+
+    def __reduce__(self):
+        return (open, (self.path, "w"))
+
+
+@pytest.mark.parametrize("where", ["state value", "top level"])
+def test_pickle_that_runs_code_is_refused_and_runs_nothing(tmp_path, where):
+    marker = tmp_path / "pwned"
+    state = dict(reference_mlp().state_dict())
+    if where == "state value":
+        state["0.bias"] = _Exploit(str(marker))
+        payload = state
+    else:
+        payload = _Exploit(str(marker))
+    path = tmp_path / "value_head.bin"
+    torch.save(payload, path)
+    assert not marker.exists()
+    with pytest.raises(ValueError, match=r"refused: the file contains non-tensor pickle objects \((io|builtins)\.open\)"):
+        load_value_head(tmp_path)
+    assert not marker.exists(), "loading the checkpoint executed code"
+    # the control: a plain unpickle would have created the file, so the test can fail
+    torch.load(path, weights_only=False)
+    assert marker.exists()
+
+
+def _safetensors(tmp_path, name="value_head.safetensors", **overrides):
+    state = {k: v.contiguous() for k, v in reference_mlp().state_dict().items()}
+    state.update(overrides)
+    path = tmp_path / name
+    save_file(state, str(path))
+    return path
+
+
+def test_truncated_safetensors_is_refused_before_reading(tmp_path):
+    path = _safetensors(tmp_path)
+    data = path.read_bytes()
+    path.write_bytes(data[:-10])
+    with pytest.raises(ValueError, match=r"truncated safetensors file: the header places tensor data up to byte \d+"):
+        load_value_head(path)
+    path.write_bytes(data[:5])
+    with pytest.raises(ValueError, match="truncated safetensors file .* 8-byte header length is missing"):
+        load_value_head(path)
+    path.write_bytes(data[:40])  # the header itself is cut
+    with pytest.raises(ValueError, match="the header claims .* the file is truncated or not safetensors"):
+        load_value_head(path)
+
+
+def test_oversized_safetensors_is_refused(tmp_path):
+    path = _safetensors(tmp_path)
+    with open(path, "ab") as f:
+        f.write(b"\0" * 4096)
+    with pytest.raises(ValueError, match="oversized safetensors file: 4096 bytes follow the last tensor"):
+        load_value_head(path)
+
+
+def test_safetensors_header_announcing_a_huge_tensor_is_refused_without_allocating(tmp_path):
+    """A forged header that declares a 10^12-element weight: refused from the header alone."""
+    path = _safetensors(tmp_path)
+    data = path.read_bytes()
+    (n,) = __import__("struct").unpack("<Q", data[:8])
+    header = json.loads(data[8 : 8 + n])
+    header["0.weight"]["shape"] = [1_000_000, 1_000_000]
+    raw = json.dumps(header).encode()
+    path.write_bytes(len(raw).to_bytes(8, "little") + raw + data[8 + n :])
+    with pytest.raises(ValueError, match=r"0\.weight: data_offsets .* do not hold a F32 tensor of shape \[1000000"):
+        load_value_head(path)
+
+
+def test_huge_safetensors_header_is_refused(tmp_path):
+    path = tmp_path / "value_head.safetensors"
+    path.write_bytes((1 << 40).to_bytes(8, "little") + b"{}")
+    with pytest.raises(ValueError, match="the header claims 1099511627776 bytes"):
+        load_value_head(path)
+
+
+@pytest.mark.parametrize("fmt", ["safetensors", "bin"])
+def test_wrong_dtype_is_refused(tmp_path, fmt):
+    bad = torch.ones(1, dtype=torch.int64)
+    if fmt == "safetensors":
+        path = _safetensors(tmp_path, **{"4.bias": bad})
+        pattern = r"4\.bias: dtype I64 \(value-head weights must be F16, BF16, F32 or F64\)"
+    else:
+        state = dict(reference_mlp().state_dict())
+        state["4.bias"] = bad
+        path = tmp_path / "value_head.bin"
+        torch.save(state, path)
+        pattern = r"must be floating point, got \['4\.bias \(torch\.int64\)'\]"
+    with pytest.raises(ValueError, match=pattern):
+        load_value_head(path)
+
+
+@pytest.mark.parametrize("fmt", ["safetensors", "bin"])
+def test_wrong_shape_is_refused_in_both_formats(tmp_path, fmt):
+    if fmt == "safetensors":
+        path = _safetensors(tmp_path, **{"2.bias": torch.zeros(H + 1)})
+    else:
+        state = dict(reference_mlp().state_dict())
+        state["2.bias"] = torch.zeros(H + 1)
+        path = tmp_path / "value_head.bin"
+        torch.save(state, path)
+    with pytest.raises(ValueError, match=r"2\.bias: \(17,\) != expected \(16,\)"):
+        load_value_head(path)
+
+
+@pytest.mark.parametrize("bad", [float("nan"), float("inf")])
+@pytest.mark.parametrize("fmt", ["safetensors", "bin"])
+def test_non_finite_weights_are_refused(tmp_path, fmt, bad):
+    weight = reference_mlp().state_dict()["2.weight"].clone()
+    weight[3, 4] = bad
+    if fmt == "safetensors":
+        path = _safetensors(tmp_path, **{"2.weight": weight})
+    else:
+        state = dict(reference_mlp().state_dict())
+        state["2.weight"] = weight
+        path = tmp_path / "value_head.bin"
+        torch.save(state, path)
+    with pytest.raises(ValueError, match=r"NaN or infinite values in \['2\.weight'\]"):
+        load_value_head(path)
+
+
+def test_half_precision_weights_load_as_fp32_and_score_like_the_cast(tmp_path, x):
+    state = {k: v.to(torch.bfloat16) for k, v in reference_mlp().state_dict().items()}
+    save_file(state, str(tmp_path / "value_head.safetensors"))
+    head = load_value_head(tmp_path)
+    assert head[0].weight.dtype == torch.float32
+    cast = reference_mlp()
+    cast.load_state_dict({k: v.float() for k, v in state.items()})
+    with torch.no_grad():
+        torch.testing.assert_close(head.logit(x), cast(x).squeeze(-1), rtol=0, atol=0)
+
+
+def test_config_pins_the_hub_revision(tmp_path, fake_hub, x):
+    from vsteer_hf import ValueSteerConfig
+
+    repos, calls = fake_hub
+    repos["me/pinned"] = str(tmp_path)
+    write_plugin_checkpoint(str(tmp_path))
+    commit = "0123456789abcdef0123456789abcdef01234567"
+    cfg = ValueSteerConfig(head="me/pinned", head_filename="value_head.bin", head_revision=commit, threshold=0.5)
+    cfg.load_head(hidden_size=H)
+    assert calls and {c[2] for c in calls} == {commit}
+
+
+def test_placed_copies_instead_of_moving_and_refreshes_after_in_place_edits(x):
+    head = ValueHead(H)
+    assert head.placed("cpu") is head
+    meta = head.placed("meta")
+    assert meta is not head and meta[0].weight.device.type == "meta"
+    assert head[0].weight.device.type == "cpu", "the caller's head was moved"
+    assert head.placed("meta") is meta, "the per-device copy is cached"
+    with torch.no_grad():
+        head[4].bias.add_(1.0)
+    assert head.placed("meta") is not meta, "a stale copy survived an in-place weight change"
+    assert "_device_copies" not in head.__getstate__(), "placement copies would be pickled with the head"
+
+
+def test_revision_with_a_local_path_is_refused_not_ignored(tmp_path):
+    write_plugin_checkpoint(str(tmp_path))
+    with pytest.raises(ValueError, match="revision='v1' pins a hub repo's commit, but .* is a local path"):
+        load_value_head(tmp_path, revision="v1")

@@ -23,6 +23,10 @@ class GenerateCommand:
         parser.add_argument("--model", required=True, help="hub id or local folder of a causal LM")
         parser.add_argument("--head", required=True, help="value head: file, folder or hub id")
         parser.add_argument("--head-filename", default=None, help="file inside a head folder/repo (sub-paths allowed)")
+        parser.add_argument(
+            "--head-revision", default=None, help="hub branch, tag or commit of the head (pin a commit for audits)"
+        )
+        parser.add_argument("--revision", default=None, help="hub branch, tag or commit of --model")
         parser.add_argument("--prompt", action="append", required=True, help="prompt text; repeat for a batch")
         parser.add_argument("--chat", action="store_true", help="wrap each prompt with the tokenizer's chat template")
         decision = parser.add_mutually_exclusive_group(required=True)
@@ -46,7 +50,7 @@ class GenerateCommand:
 
         from vsteer_hf import ValueSteerConfig, enable_value_steer, load_value_head
 
-        tokenizer = AutoTokenizer.from_pretrained(args.model)
+        tokenizer = AutoTokenizer.from_pretrained(args.model, revision=args.revision)
         tokenizer.padding_side = "left"  # our own instance: batched generation needs left padding
         if tokenizer.pad_token is None:
             if tokenizer.eos_token is None:
@@ -55,7 +59,7 @@ class GenerateCommand:
         dtypes = {"auto": "auto", "float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
         if args.dtype not in dtypes:
             raise ValueError(f"--dtype {args.dtype!r} is not one of {sorted(dtypes)}.")
-        load_kwargs: dict[str, Any] = {"dtype": dtypes[args.dtype]}
+        load_kwargs: dict[str, Any] = {"dtype": dtypes[args.dtype], "revision": args.revision}
         if args.device == "auto":
             load_kwargs["device_map"] = "auto"
         model = AutoModelForCausalLM.from_pretrained(args.model, **load_kwargs)
@@ -63,7 +67,9 @@ class GenerateCommand:
             model.to(args.device)
         model = enable_value_steer(model.eval())
         hidden_size = model.config.get_text_config().hidden_size
-        head = load_value_head(args.head, filename=args.head_filename, hidden_size=hidden_size)
+        head = load_value_head(
+            args.head, filename=args.head_filename, revision=args.head_revision, hidden_size=hidden_size
+        )
 
         texts = list(args.prompt)
         if args.chat:

@@ -13,6 +13,8 @@ import json
 import math
 import os
 import re
+import struct
+import threading
 import warnings
 from collections.abc import Mapping
 from dataclasses import asdict, dataclass, field, fields, replace
@@ -30,6 +32,11 @@ WEIGHTS_NAME = "value_head.safetensors"
 DEFAULT_FILENAMES = ("value_head.safetensors", "model.safetensors", "value_head.bin", "value_head.pt")
 RISK_DIRECTIONS = ("above", "below")
 _KEYS = ("0.weight", "0.bias", "2.weight", "2.bias", "4.weight", "4.bias")
+# Weights may be stored at any float precision (they are cast to fp32 on load); nothing else.
+_SAFETENSORS_FLOATS = {"F16": 2, "BF16": 2, "F32": 4, "F64": 8}
+# A value head's safetensors header lists six tensors; a bigger header is not a value head.
+_MAX_SAFETENSORS_HEADER = 1 << 20
+_COPY_LOCK = threading.Lock()
 
 
 def _expected_shapes(hidden_size: int) -> dict[str, tuple[int, ...]]:
@@ -305,6 +312,36 @@ class ValueHead(
     def forward(self, hidden: torch.Tensor) -> torch.Tensor:
         return self.logit(hidden)
 
+    def placed(self, device: torch.device | str) -> ValueHead:
+        """This head on `device`: itself when it is already there, else a frozen copy kept per device.
+
+        Decoding puts the head where the backbone's final norm runs (``device_map="auto"``) without
+        moving the caller's module, so two threads steering on different devices with one head never
+        race on it. A copy is refreshed when the weights change in place (parameter version counters).
+        """
+        device = torch.device(device)
+        params = list(self.parameters())
+        if all(_same_device(p.device, device) for p in params):
+            return self
+        version = tuple(p._version for p in params)
+        with _COPY_LOCK:
+            copies: dict[str, tuple[tuple[int, ...], ValueHead]] = self.__dict__.setdefault("_device_copies", {})
+            cached = copies.get(str(device))
+            if cached is not None and cached[0] == version:
+                return cached[1]
+            with torch.device("meta"):
+                copy = ValueHead(self.hidden_size, self.card)
+            weights = {k: v.detach().to(device, copy=True) for k, v in self.state_dict().items()}
+            copy.load_state_dict(weights, assign=True)
+            copy.requires_grad_(False).eval()
+            copies[str(device)] = (version, copy)
+            return copy
+
+    def __getstate__(self) -> dict[str, Any]:
+        state = dict(super().__getstate__())
+        state.pop("_device_copies", None)  # per-process placement copies are not part of the head
+        return state
+
     # ---- saving
     def _save_pretrained(self, save_directory: Path) -> None:
         """Hub-mixin hook: safetensors weights + sidecar + a config.json the mixin reads back."""
@@ -402,8 +439,11 @@ def _load(
     hub_kwargs: dict[str, Any],
 ) -> ValueHead:
     weights, sidecar = _resolve(source, filename, revision, hub_kwargs)
+    if weights.endswith(".safetensors"):
+        _check_layout(_safetensors_shapes(weights), weights)  # before a byte of tensor data is read
     state = _read_state_dict(weights)
-    h = _check_state_dict(state, weights)
+    h = _check_layout({k: _shape_of(v) for k, v in state.items()}, weights)
+    _check_values(state, weights)
     if hidden_size is not None and hidden_size != h:
         raise ValueError(
             f"{weights}: value head expects hidden size {h} but the backbone has {hidden_size} "
@@ -427,6 +467,11 @@ def _resolve(
 ) -> tuple[str, str | None]:
     """-> (weights path, sidecar path or None), downloading from the hub when `source` is a repo id."""
     src = os.fspath(source)
+    if revision is not None and (os.path.isfile(src) or os.path.isdir(src)):
+        raise ValueError(
+            f"revision={revision!r} pins a hub repo's commit, but {src} is a local path; drop revision= or pass "
+            "the hub id instead"
+        )
     if os.path.isfile(src):
         if filename is not None:
             raise ValueError(f"filename={filename!r} applies to a folder or hub repo, not the file {src}")
@@ -506,14 +551,88 @@ def _read_state_dict(path: str) -> dict[str, Any]:
     return dict(state)
 
 
-def _check_state_dict(state: dict[str, Any], path: str) -> int:
-    """Strict key/shape check against the fixed architecture; returns H from ``0.weight``."""
+def _shape_of(value: Any) -> tuple[int, ...] | None:
+    return tuple(value.shape) if isinstance(value, torch.Tensor) else None
+
+
+def _safetensors_shapes(path: str) -> dict[str, tuple[int, ...] | None]:
+    """Read and check a safetensors header: float dtypes only, offsets that tile the file exactly.
+
+    Catches truncated files, trailing data and headers announcing huge tensors without reading
+    (or allocating) any tensor data. Returns the declared shapes for the layout check.
+    """
+    size = os.path.getsize(path)
+    with open(path, "rb") as f:
+        prefix = f.read(8)
+        if len(prefix) < 8:
+            raise ValueError(f"{path}: truncated safetensors file ({size} bytes; the 8-byte header length is missing)")
+        (header_len,) = struct.unpack("<Q", prefix)
+        if header_len > min(_MAX_SAFETENSORS_HEADER, size - 8):
+            raise ValueError(
+                f"{path}: not a value-head safetensors file: the header claims {header_len} bytes but the file has "
+                f"{size - 8} after the length field (limit {_MAX_SAFETENSORS_HEADER}); the file is truncated or "
+                "not safetensors. Re-download it or re-save with head.save_pretrained()"
+            )
+        raw = f.read(header_len)
+    try:
+        header = json.loads(raw)
+    except (UnicodeDecodeError, json.JSONDecodeError) as e:
+        raise ValueError(f"{path}: unreadable safetensors header ({e}); re-download or re-save the head") from None
+    if not isinstance(header, dict):
+        raise ValueError(f"{path}: the safetensors header is not a JSON object; re-download or re-save the head")
+    data_len = size - 8 - header_len
+    shapes: dict[str, tuple[int, ...] | None] = {}
+    problems, end = [], 0
+    for name, info in header.items():
+        if name == "__metadata__":
+            continue
+        dtype = info.get("dtype") if isinstance(info, dict) else None
+        shape = info.get("shape") if isinstance(info, dict) else None
+        offsets = info.get("data_offsets") if isinstance(info, dict) else None
+        if (
+            not isinstance(shape, list)
+            or not all(_is_int(d) and d >= 0 for d in shape)
+            or not isinstance(offsets, list)
+            or len(offsets) != 2
+            or not all(_is_int(o) for o in offsets)
+        ):
+            problems.append(f"{name}: malformed entry {info!r}")
+            continue
+        if dtype not in _SAFETENSORS_FLOATS:
+            problems.append(f"{name}: dtype {dtype} (value-head weights must be F16, BF16, F32 or F64)")
+            continue
+        begin, stop = offsets
+        expected = math.prod(shape) * _SAFETENSORS_FLOATS[dtype]
+        if stop - begin != expected or begin < 0:
+            problems.append(f"{name}: data_offsets {offsets} do not hold a {dtype} tensor of shape {shape}")
+        shapes[name] = tuple(shape)
+        end = max(end, stop)
+    if problems:
+        raise ValueError(f"{path}: refused: " + "; ".join(problems))
+    if end > data_len:
+        raise ValueError(
+            f"{path}: truncated safetensors file: the header places tensor data up to byte {end} but only "
+            f"{data_len} bytes follow it; re-download the file"
+        )
+    if end < data_len:
+        raise ValueError(
+            f"{path}: oversized safetensors file: {data_len - end} bytes follow the last tensor the header lists; "
+            "the file was tampered with or mis-written. Re-download it or re-save with head.save_pretrained()"
+        )
+    return shapes
+
+
+def _check_layout(shapes: Mapping[str, tuple[int, ...] | None], path: str) -> int:
+    """Strict key/shape check against the fixed architecture; returns H from ``0.weight``.
+
+    `shapes` maps each stored key to its shape, or None for an entry that is not a tensor.
+    """
     problems = []
-    not_tensors = sorted(k for k, v in state.items() if not isinstance(v, torch.Tensor))
+    not_tensors = sorted(k for k, v in shapes.items() if v is None)
     if not_tensors:
         problems.append(f"non-tensor entries {not_tensors} (save the bare Sequential state dict)")
-    missing = sorted(set(_KEYS) - set(state))
-    unexpected = sorted(set(state) - set(_KEYS))
+    missing = sorted(set(_KEYS) - set(shapes))
+    unexpected = sorted(set(shapes) - set(_KEYS))
     if missing:
         problems.append(f"missing keys {missing}")
     if unexpected:
@@ -522,18 +641,18 @@ def _check_state_dict(state: dict[str, Any], path: str) -> int:
         if len(prefixes) == 1 and missing:
             hint = f" (keys look prefixed with {prefixes.pop()!r}: save the Sequential's own state dict)"
         problems.append(f"unexpected keys {unexpected}{hint}")
-    w0 = state.get("0.weight")
-    h = w0.shape[1] if isinstance(w0, torch.Tensor) and w0.dim() == 2 else None
+    w0 = shapes.get("0.weight")
+    h = w0[1] if w0 is not None and len(w0) == 2 else None
     if h is not None:
         wrong = [
-            f"{k}: {tuple(state[k].shape)} != expected {shape}"
+            f"{k}: {shapes[k]} != expected {shape}"
             for k, shape in _expected_shapes(h).items()
-            if isinstance(state.get(k), torch.Tensor) and tuple(state[k].shape) != shape
+            if shapes.get(k) is not None and shapes[k] != shape
         ]
         if wrong:
             problems.append(f"wrong shapes for hidden size {h}: " + "; ".join(wrong))
-    elif "0.weight" in state:
-        problems.append(f"'0.weight' must be a 2-D tensor, got {getattr(w0, 'shape', type(w0).__name__)}")
+    elif w0 is not None:
+        problems.append(f"'0.weight' must be a 2-D tensor, got shape {w0}")
     if problems:
         raise ValueError(
             f"{path}: not a value head (Linear(H,H) -> Tanh -> Linear(H,H) -> ReLU -> Linear(H,1)): "
@@ -541,3 +660,29 @@ def _check_state_dict(state: dict[str, Any], path: str) -> int:
         )
     assert h is not None
     return int(h)
+
+
+def _check_values(state: Mapping[str, torch.Tensor], path: str) -> None:
+    """Floating-point weights only, all finite: a head with NaN weights scores NaN for every token."""
+    not_float = sorted(f"{k} ({v.dtype})" for k, v in state.items() if not v.is_floating_point())
+    if not_float:
+        raise ValueError(
+            f"{path}: refused: value-head weights must be floating point, got {not_float}; re-save the head "
+            "from a float model"
+        )
+    non_finite = sorted(k for k, v in state.items() if not bool(torch.isfinite(v).all()))
+    if non_finite:
+        raise ValueError(
+            f"{path}: refused: NaN or infinite values in {non_finite}; the checkpoint is corrupt or the training "
+            "diverged. Re-train or re-download the head"
+        )
+
+
+def _same_device(a: torch.device, b: torch.device) -> bool:
+    """cuda == cuda:<current>, as tensor placement sees it."""
+    if a.type != b.type:
+        return False
+    if a.index is None or b.index is None:
+        current = torch.cuda.current_device() if a.type == "cuda" and torch.cuda.is_available() else 0
+        return (a.index if a.index is not None else current) == (b.index if b.index is not None else current)
+    return a.index == b.index

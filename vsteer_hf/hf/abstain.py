@@ -79,13 +79,11 @@ class ValueAbstentionProcessor(LogitsProcessor):
             self.abstained = torch.zeros(batch, dtype=torch.bool, device=scores.device)
             self.abstain_step = torch.full((batch,), -1, dtype=torch.long, device=scores.device)
             self._thresholds = policy.resolve_thresholds(self.threshold, batch, hidden.device)
-        if next(self.head.parameters()).device != hidden.device:
-            self.head.to(hidden.device)
-        risk = self.head.p(hidden)  # (B,)
-        if torch.isnan(risk).any():
+        risk = self.head.placed(hidden.device).p(hidden)  # (B,)
+        if not bool(torch.isfinite(risk).all()):
             raise FloatingPointError(
-                f"the value head returned NaN risk at generation step {length - self._prompt_len}; "
-                "refusing to continue."
+                f"the value head returned a NaN or infinite risk at generation step {length - self._prompt_len}; "
+                "refusing to continue. Check the head's weights and the backbone's hidden states (try float32)."
             )
         self.risks.append(risk)
         force = policy.crossed(risk, self._thresholds, self.direction).to(scores.device) & ~self.abstained

@@ -76,6 +76,57 @@ def _check_logits_path(model: Any, hidden: torch.Tensor, logits: torch.Tensor) -
         )
 
 
+def _check_prompt_lengths(
+    input_ids: torch.Tensor, prefix_mask: torch.Tensor | None, generation_config: Any, text_config: Any
+) -> None:
+    """Refuse prompts the loop cannot steer meaningfully: empty rows, or positions past the model's range.
+
+    Plain generate only warns past `max_position_embeddings`; steered text there would be silently
+    wrong (and the head was never trained on it), so this is an error.
+    """
+    if input_ids.shape[1] == 0:
+        raise ValueError(
+            "the prompt is empty: value steering needs at least one token to start from. Pass the BOS token "
+            "(tokenizer('', return_tensors='pt') adds it) or a chat template."
+        )
+    if prefix_mask is not None:
+        real = prefix_mask.long().sum(-1)  # (B,) real tokens per row, cache included
+        empty = (real == 0).nonzero().flatten().tolist()
+        if empty:
+            raise ValueError(
+                f"prompt row(s) {empty} of the batch are all padding (attention_mask is 0 everywhere); "
+                "drop them or give each prompt at least one token."
+            )
+        longest = int(real.max())
+    else:
+        longest = input_ids.shape[1]  # generate's input_ids hold the whole sequence, cached part included
+    limit = getattr(text_config, "max_position_embeddings", None)
+    if limit is None:
+        return
+    new_tokens = generation_config.max_length - input_ids.shape[1]
+    if longest > limit:
+        raise ValueError(
+            f"a prompt has {longest} tokens but the model handles at most {limit} positions "
+            "(config.max_position_embeddings); truncate it, e.g. "
+            f"tokenizer(..., truncation=True, max_length={max(limit - new_tokens, 1)})."
+        )
+    if longest + new_tokens > limit:
+        raise ValueError(
+            f"a prompt of {longest} tokens plus max_new_tokens={new_tokens} runs past the model's "
+            f"{limit} positions (config.max_position_embeddings); lower max_new_tokens to {limit - longest} "
+            "or truncate the prompt."
+        )
+
+
+def _refuse_non_finite(risk: torch.Tensor, where: str) -> None:
+    """Never decide on NaN: a NaN compares False with every threshold and would pass silently."""
+    if not bool(torch.isfinite(risk).all()):
+        raise FloatingPointError(
+            f"the value head returned a NaN or infinite risk at {where}; refusing to commit a token. Check the "
+            "head's weights and the backbone's hidden states (an fp16 overflow? try bfloat16 or float32)."
+        )
+
+
 def value_steered_sample(
     model: Any,
     input_ids: torch.LongTensor,
@@ -113,6 +164,7 @@ def value_steered_sample(
 
     prefix_mask = model_kwargs.get("attention_mask")  # None when generate dropped an all-ones mask
     cache = model_kwargs.get("past_key_values")
+    _check_prompt_lengths(input_ids, prefix_mask, generation_config, text_config)
 
     # Prefill exactly as generate does; catch the last prompt state on its way into lm_head.
     lm_head = model.get_output_embeddings()
@@ -131,8 +183,7 @@ def value_steered_sample(
     next_logits = outputs.logits[:, -1].to(copy=True, dtype=torch.float32, device=input_ids.device)
     _check_logits_path(model, capture.hidden, outputs.logits[:, -1])
     feature_device = capture.hidden.device
-    if next(head.parameters()).device != feature_device:
-        head.to(feature_device)  # the head runs where the final norm is (device_map="auto")
+    head = head.placed(feature_device)  # where the final norm runs (device_map="auto"); a copy, never a move
     thresholds = steer.thresholds(head, batch, feature_device)  # (B,)
     direction = steer.risk_direction(head)
 
@@ -153,7 +204,9 @@ def value_steered_sample(
     unfinished = torch.ones(batch, dtype=torch.bool, device=input_ids.device)
     abstain_pending = torch.zeros(batch, dtype=torch.bool, device=feature_device)
     if steer.mode == "abstain":  # the last prompt state decides the first token
-        abstain_pending = policy.crossed(head.p(capture.hidden), thresholds, direction)
+        prompt_risk = head.p(capture.hidden)  # (B,)
+        _refuse_non_finite(prompt_risk, "the last prompt token")
+        abstain_pending = policy.crossed(prompt_risk, thresholds, direction)
     abstained = torch.zeros(batch, dtype=torch.bool, device=input_ids.device)
     abstain_step = torch.full((batch,), -1, dtype=torch.long, device=input_ids.device)
 
@@ -196,11 +249,7 @@ def value_steered_sample(
         hidden = hidden.to(feature_device)
         risks = head.p(hidden)  # (B, K) fp32
         live = unfinished.to(risks.device)
-        if torch.isnan(risks[live]).any():
-            raise FloatingPointError(
-                f"the value head returned NaN risk at generation step {step}; refusing to commit a token. "
-                "Check the head's weights and the backbone's dtype (try float32)."
-            )
+        _refuse_non_finite(risks[live], f"generation step {step}")
         if steer.mode == "vfd" and k > 1:
             cand_probs = policy.candidate_probs(probs, candidates).to(risks.device) if probs is not None else None
             winner = policy.select_candidates(
