@@ -136,7 +136,7 @@ def test_extraction_without_a_pad_token_names_the_fix(tmp_path):
     tok = tiny_tokenizer()
     tok.padding_side = "left"
     tok.pad_token = None
-    with pytest.raises(ValueError, match="the tokenizer has no pad token; set tokenizer.pad_token"):
+    with pytest.raises(ValueError, match=r"the tokenizer has no pad token; set tokenizer\.pad_token"):
         extract_features(tiny_model(), tok, [], tmp_path / "features")
 
 
@@ -316,7 +316,12 @@ def test_two_threads_steering_at_once_each_get_their_own_result():
 
     def run(config):
         out = model.generate(
-            ids, attention_mask=mask, do_sample=False, max_new_tokens=8, value_steer=config, return_dict_in_generate=True
+            ids,
+            attention_mask=mask,
+            do_sample=False,
+            max_new_tokens=8,
+            value_steer=config,
+            return_dict_in_generate=True,
         )
         return out.sequences, out.value_scores, out.abstained
 
@@ -329,7 +334,7 @@ def test_two_threads_steering_at_once_each_get_their_own_result():
     def worker(name):
         try:
             barrier.wait()
-            for _ in range(5):
+            for _ in range(15):
                 results[name].append(run(settings_by_thread[name]))
         except BaseException as e:  # surfaced below
             errors.append(e)
@@ -341,11 +346,49 @@ def test_two_threads_steering_at_once_each_get_their_own_result():
         t.join()
     assert not errors, errors
     for name, outs in results.items():
-        assert len(outs) == 5
+        assert len(outs) == 15
         for seqs, risks, abstained in outs:
             torch.testing.assert_close(seqs, alone[name][0], rtol=0, atol=0)
             torch.testing.assert_close(risks, alone[name][1], rtol=0, atol=0, equal_nan=True)
             assert (abstained is None) == (alone[name][2] is None)
+
+
+def test_two_threads_with_their_own_abstention_processors_on_one_model():
+    """The processors' lm_head hooks share the module; each must read only its own thread's states."""
+    from vsteer_hf.hf.abstain import ValueAbstentionProcessor
+
+    model = tiny_model("llama")
+    head = make_head(32, scale=3.0)
+    ids, mask = batch_inputs(3)
+
+    def run(threshold):
+        with ValueAbstentionProcessor(model, head, threshold) as proc:
+            out = model.generate(
+                ids, attention_mask=mask, do_sample=False, max_new_tokens=8, logits_processor=[proc]
+            )
+            return out, proc.abstained.clone()
+
+    alone = {t: run(t) for t in (0.3, 0.7)}
+    assert not torch.equal(alone[0.3][0], alone[0.7][0]), "the two thresholds must give different text"
+    errors: list[BaseException] = []
+    barrier = threading.Barrier(2)
+
+    def worker(threshold):
+        try:
+            barrier.wait()
+            for _ in range(15):
+                out, abstained = run(threshold)
+                torch.testing.assert_close(out, alone[threshold][0], rtol=0, atol=0)
+                torch.testing.assert_close(abstained, alone[threshold][1], rtol=0, atol=0)
+        except BaseException as e:  # surfaced below
+            errors.append(e)
+
+    threads = [threading.Thread(target=worker, args=(t,)) for t in (0.3, 0.7)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    assert not errors, errors
 
 
 def _rss_bytes() -> int:

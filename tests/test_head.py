@@ -391,7 +391,8 @@ def test_pickle_that_runs_code_is_refused_and_runs_nothing(tmp_path, where):
     path = tmp_path / "value_head.bin"
     torch.save(payload, path)
     assert not marker.exists()
-    with pytest.raises(ValueError, match=r"refused: the file contains non-tensor pickle objects \((io|builtins)\.open\)"):
+    exploit = r"refused: the file contains non-tensor pickle objects \((io|builtins)\.open\)"
+    with pytest.raises(ValueError, match=exploit):
         load_value_head(tmp_path)
     assert not marker.exists(), "loading the checkpoint executed code"
     # the control: a plain unpickle would have created the file, so the test can fail
@@ -414,10 +415,10 @@ def test_truncated_safetensors_is_refused_before_reading(tmp_path):
     with pytest.raises(ValueError, match=r"truncated safetensors file: the header places tensor data up to byte \d+"):
         load_value_head(path)
     path.write_bytes(data[:5])
-    with pytest.raises(ValueError, match="truncated safetensors file .* 8-byte header length is missing"):
+    with pytest.raises(ValueError, match=r"truncated safetensors file .* 8-byte header length is missing"):
         load_value_head(path)
     path.write_bytes(data[:40])  # the header itself is cut
-    with pytest.raises(ValueError, match="the header claims .* the file is truncated or not safetensors"):
+    with pytest.raises(ValueError, match=r"the header claims .* the file is truncated or not safetensors"):
         load_value_head(path)
 
 
@@ -532,5 +533,5 @@ def test_placed_copies_instead_of_moving_and_refreshes_after_in_place_edits(x):
 
 def test_revision_with_a_local_path_is_refused_not_ignored(tmp_path):
     write_plugin_checkpoint(str(tmp_path))
-    with pytest.raises(ValueError, match="revision='v1' pins a hub repo's commit, but .* is a local path"):
+    with pytest.raises(ValueError, match=r"revision='v1' pins a hub repo's commit, but .* is a local path"):
         load_value_head(tmp_path, revision="v1")

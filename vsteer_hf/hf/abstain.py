@@ -9,6 +9,7 @@ whose rows stay aligned with the batch (greedy, sampling); beam search reorders 
 
 from __future__ import annotations
 
+import threading
 from typing import Any
 
 import torch
@@ -46,12 +47,13 @@ class ValueAbstentionProcessor(LogitsProcessor):
         self.threshold = threshold
         self.eos_token_id = int(eos_token_id)
         self.direction = direction
-        self._hidden: torch.Tensor | None = None
+        # per thread: the hook sits on the shared lm_head, which other threads' generate calls also run
+        self._hidden: dict[int, torch.Tensor] = {}
         self._handle = model.get_output_embeddings().register_forward_pre_hook(self._capture)
         self._reset()
 
     def _capture(self, module: torch.nn.Module, args: tuple[Any, ...]) -> None:
-        self._hidden = args[0][:, -1].detach()  # (B, H) last consumed position
+        self._hidden[threading.get_ident()] = args[0][:, -1].detach()  # (B, H) last consumed position
 
     def _reset(self) -> None:
         self._prompt_len: int | None = None
@@ -65,9 +67,9 @@ class ValueAbstentionProcessor(LogitsProcessor):
         if length != self._last_len + 1:  # not the next step of the same generate call
             self._reset()
         self._last_len = length
-        if self._hidden is None:
+        hidden = self._hidden.get(threading.get_ident())
+        if hidden is None:
             raise RuntimeError("no hidden state was captured; the processor's model must be the one generating.")
-        hidden = self._hidden
         if hidden.shape[0] != scores.shape[0]:
             raise ValueError(
                 f"captured {hidden.shape[0]} rows but scores have {scores.shape[0]}: abstention supports greedy "
@@ -94,6 +96,7 @@ class ValueAbstentionProcessor(LogitsProcessor):
     def remove(self) -> None:
         """Detach the hook from the model."""
         self._handle.remove()
+        self._hidden.clear()
 
     def __enter__(self) -> ValueAbstentionProcessor:
         return self

@@ -9,6 +9,7 @@ streamer are used unchanged.
 
 from __future__ import annotations
 
+import threading
 from dataclasses import dataclass
 from typing import Any
 
@@ -55,13 +56,19 @@ def output_embedding_logits(model: Any, hidden: torch.Tensor) -> torch.Tensor:
 
 
 class _CaptureLmHeadInput:
-    """Forward pre-hook that keeps the last position of what lm_head consumes (the head's feature)."""
+    """Forward pre-hook that keeps the last position of what lm_head consumes (the head's feature).
+
+    Hooks belong to the shared module, so a call from another thread steering the same model must not
+    overwrite this thread's capture: only the registering thread's calls are recorded.
+    """
 
     def __init__(self) -> None:
         self.hidden: torch.Tensor | None = None
+        self._thread = threading.get_ident()
 
     def __call__(self, module: torch.nn.Module, args: tuple[Any, ...]) -> None:
-        self.hidden = args[0][:, -1]  # (B, H)
+        if threading.get_ident() == self._thread:
+            self.hidden = args[0][:, -1]  # (B, H)
 
 
 def _check_logits_path(model: Any, hidden: torch.Tensor, logits: torch.Tensor) -> None:
@@ -187,7 +194,7 @@ def value_steered_sample(
     thresholds = steer.thresholds(head, batch, feature_device)  # (B,)
     direction = steer.risk_direction(head)
 
-    path = choose_path(steer.candidate_forward, cache, getattr(model.config, "_attn_implementation", None))
+    path = choose_path(steer.candidate_forward, cache, getattr(model.config, "_attn_implementation", None), k)
     forward = CandidateForward(
         decoder=model.get_decoder(),
         cache=cache,
