@@ -74,8 +74,12 @@ def cache_supports(cache: Cache, path: str) -> str | None:
     return None
 
 
-def choose_path(requested: str, cache: Cache, attn_implementation: str | None) -> str:
-    """Resolve `auto` to tree where it is exact, else expand; refuse an explicit path that cannot work."""
+def choose_path(requested: str, cache: Cache, attn_implementation: str | None, num_candidates: int = 2) -> str:
+    """Resolve `auto` to tree where it is exact, else expand; refuse an explicit path that cannot work.
+
+    With one candidate (abstention, K = 1) `auto` takes expand: without copies that is exactly generate's
+    own decode step, 2D mask included, so no 4D mask is built per token.
+    """
     if requested not in PATHS:
         raise ValueError(f"candidate_forward={requested!r} is not one of {PATHS}.")
     tree_problem = cache_supports(cache, "tree")
@@ -91,6 +95,8 @@ def choose_path(requested: str, cache: Cache, attn_implementation: str | None) -
         raise ValueError(f"candidate_forward='expand' cannot run here: {expand_problem}.")
     if requested != "auto":
         return requested
+    if num_candidates == 1 and expand_problem is None:
+        return "expand"
     if tree_problem is None:
         return "tree"
     if expand_problem is None:
@@ -205,7 +211,9 @@ class CandidateForward:
         for layer in _layers(self.cache):
             if getattr(layer, "keys", None) is None:
                 continue
-            if self.path == "tree":
+            if k == 1:
+                pass  # the only candidate already sits in its final slot
+            elif self.path == "tree":
                 self._commit_tree(layer, winner, prefix_len, k)
             else:
                 self._commit_expand(layer, winner, k)
