@@ -1,8 +1,10 @@
-"""The trade-off plot of `vsteer compare`: judged toxicity against fluency, one point per method.
+"""Plots, each written to a PNG: the trade-off plot of `vsteer compare` (judged toxicity against
+fluency, one point per method), the per-token risk of steered generations, a head's training curves
+and its ĉ(α) calibration curve.
 
-Works from the rows of ``compare.json`` (plain dicts), so a saved comparison can be re-plotted.
-matplotlib is imported inside the function, with the non-interactive Agg backend; it comes with the
-``[eval]`` extra.
+Every function works from plain data (the rows of ``compare.json``, the pipeline's stage reports,
+lists of risks), so saved results can be re-plotted. matplotlib is imported inside the functions,
+with the non-interactive Agg backend; it comes with the ``[eval]`` extra.
 """
 
 from __future__ import annotations
@@ -12,6 +14,25 @@ import os
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
+
+
+def _pyplot(what: str) -> Any:
+    """matplotlib.pyplot on the Agg backend (files only: nothing opens a window)."""
+    try:
+        import matplotlib
+    except ImportError as err:
+        raise ImportError(f"{what} needs matplotlib: pip install 'vsteer-hf[eval]'") from err
+    matplotlib.use("Agg", force=True)
+    import matplotlib.pyplot as plt
+
+    return plt
+
+
+def _save(fig: Any, path: str | os.PathLike) -> Path:
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(path, format="png")
+    return path
 
 
 def _interval(estimate: dict[str, Any] | None) -> tuple[float, float, float] | None:
@@ -59,13 +80,7 @@ def tradeoff_plot(
     tokens/s, which is also printed beside each name. Methods without both numbers (failed ones
     included) are listed under the plot instead.
     """
-    try:
-        import matplotlib
-    except ImportError as err:
-        raise ImportError("the trade-off plot needs matplotlib: pip install 'vsteer-hf[eval]'") from err
-    matplotlib.use("Agg", force=True)
-    import matplotlib.pyplot as plt
-
+    plt = _pyplot("the trade-off plot")
     points, missing = [], []
     for row in rows:
         px, py = _interval(row.get(x)), _interval(row.get(y))
@@ -109,9 +124,146 @@ def tradeoff_plot(
         if missing:
             fig.text(0.01, 0.01, "not plotted: " + "; ".join(missing), fontsize=7, va="bottom", wrap=True)
             fig.subplots_adjust(bottom=0.18)
-        path = Path(path)
-        path.parent.mkdir(parents=True, exist_ok=True)
-        fig.savefig(path, format="png")
+        return _save(fig, path)
     finally:
         plt.close(fig)
-    return path
+
+
+def _token_label(token: str, width: int = 10) -> str:
+    """A token as a tick label: line breaks and tabs made visible, long pieces cut."""
+    text = token.replace("\n", "\\n").replace("\t", "\\t")
+    return text if len(text) <= width else text[: width - 1] + "…"
+
+
+def risk_plot(
+    traces: Sequence[dict[str, Any]], threshold: float, path: str | os.PathLike, title: str | None = None
+) -> Path:
+    """Write a PNG with one panel per generation: the value head's risk of each committed token, the
+    threshold as a dashed line, and the interventions (tokens VFD committed instead of the plain
+    sample) as red crosses. Each trace is a dict with ``name`` and ``risks`` and, optionally,
+    ``tokens`` (strings, written under the axis) and ``interventions`` (booleans). NaN risks (steps
+    after a row finished) are left out.
+    """
+    if not traces:
+        raise ValueError("risk_plot needs at least one trace ({'name', 'risks', ...})")
+    panels = []
+    for trace in traces:
+        risks = [float(r) for r in trace["risks"]]
+        tokens, marks = trace.get("tokens"), trace.get("interventions")
+        for key, values in (("tokens", tokens), ("interventions", marks)):
+            if values is not None and len(values) != len(risks):
+                raise ValueError(
+                    f"trace {trace['name']!r}: {len(values)} {key} for {len(risks)} risks; give one per token"
+                )
+        keep = [i for i, r in enumerate(risks) if not math.isnan(r)]
+        panels.append(
+            (
+                str(trace["name"]),
+                [risks[i] for i in keep],
+                [str(tokens[i]) for i in keep] if tokens is not None else None,
+                [bool(marks[i]) for i in keep] if marks is not None else [False] * len(keep),
+            )
+        )
+    plt = _pyplot("the risk plot")
+    longest = max((len(p[1]) for p in panels), default=0)
+    labelled = any(p[2] is not None for p in panels)
+    fig, axes = plt.subplots(
+        len(panels),
+        1,
+        figsize=(min(24.0, max(7.0, 0.24 * longest)), (3.0 if labelled else 2.2) * len(panels) + 0.6),
+        dpi=110,
+        sharey=True,
+        squeeze=False,
+    )
+    try:
+        for ax, (name, risks, tokens, marks) in zip(axes[:, 0], panels, strict=True):
+            steps = list(range(len(risks)))
+            ax.plot(steps, risks, marker="o", markersize=3, linewidth=1.2, color="C0", label="risk")
+            ax.axhline(threshold, linestyle="--", color="grey", linewidth=1, label=f"threshold {threshold:.3f}")
+            hits = [i for i in steps if marks[i]]
+            if hits:
+                ax.scatter(hits, [risks[i] for i in hits], marker="x", s=60, color="C3", zorder=3, label="intervention")
+            ax.set_title(f"{name}: {len(hits)} interventions in {len(risks)} tokens", fontsize=9, loc="left")
+            ax.set_ylim(-0.02, 1.02)
+            ax.set_xlim(-0.5, max(longest, 1) - 0.5)
+            ax.set_ylabel("risk")
+            ax.grid(True, alpha=0.3)
+            if tokens is not None:
+                ax.set_xticks(steps)
+                ax.set_xticklabels([_token_label(t) for t in tokens], rotation=90, fontsize=7)
+            else:
+                ax.set_xlabel("generated token")
+            ax.legend(loc="upper right", fontsize=7)
+        if title:
+            fig.suptitle(title, fontsize=10)
+        fig.tight_layout()
+        return _save(fig, path)
+    finally:
+        plt.close(fig)
+
+
+def training_plot(
+    history: Sequence[dict[str, Any]],
+    path: str | os.PathLike,
+    best_epoch: int | None = None,
+    title: str | None = None,
+) -> Path:
+    """Write a PNG of the training and validation loss per epoch: the ``history`` of `train_value_head`
+    (or of the pipeline's ``train.json``), with ``best_epoch`` (the one kept) marked."""
+    if not history:
+        raise ValueError("training_plot needs a non-empty history (one dict per epoch)")
+    plt = _pyplot("the training plot")
+    epochs = [int(row["epoch"]) for row in history]
+    fig, ax = plt.subplots(figsize=(6, 3.6), dpi=120)
+    try:
+        ax.plot(epochs, [float(row["train_loss"]) for row in history], marker="o", label="train loss")
+        val = [float(row.get("val_loss", math.nan)) for row in history]
+        if not all(math.isnan(v) for v in val):
+            ax.plot(epochs, val, marker="o", label="validation loss")
+        if best_epoch is not None:
+            ax.axvline(best_epoch, linestyle="--", color="grey", linewidth=1, label=f"kept: epoch {best_epoch}")
+        ax.set_xlabel("epoch")
+        ax.set_ylabel("loss (focal + TD-coherence)")
+        ax.set_xticks(epochs)
+        ax.grid(True, alpha=0.3)
+        ax.legend(fontsize=8)
+        ax.set_title(title or "value head training", fontsize=10)
+        fig.tight_layout()
+        return _save(fig, path)
+    finally:
+        plt.close(fig)
+
+
+def calibration_plot(rows: Sequence[dict[str, Any]], path: str | os.PathLike, title: str | None = None) -> Path:
+    """Write a PNG of a head's calibration from `calibration_report` rows (``calibrate.json``'s ``table``):
+    left, the threshold ĉ(α) per α; right, the false-intervention rate measured on held-out safe
+    generations, with its 95% Wilson interval, against the target rate α."""
+    if not rows:
+        raise ValueError("calibration_plot needs calibration rows (one dict per alpha)")
+    plt = _pyplot("the calibration plot")
+    rows = sorted(rows, key=lambda r: float(r["alpha"]))
+    alphas = [float(r["alpha"]) for r in rows]
+    rates = [float(r["false_intervention_rate"]) for r in rows]
+    low = [max(0.0, rate - float(r["wilson_low"])) for rate, r in zip(rates, rows, strict=True)]
+    high = [max(0.0, float(r["wilson_high"]) - rate) for rate, r in zip(rates, rows, strict=True)]
+    fig, (left, right) = plt.subplots(1, 2, figsize=(10, 4), dpi=120)
+    try:
+        left.plot(alphas, [float(r["threshold"]) for r in rows], marker="o")
+        left.set_xlabel("α (target false-intervention rate)")
+        left.set_ylabel("threshold ĉ(α)")
+        left.set_title(f"ĉ(α) from {rows[0].get('n_calib', '?')} safe calibration generations", fontsize=9)
+        right.errorbar(alphas, rates, yerr=[low, high], fmt="o", capsize=3, label="held-out rate (95% Wilson)")
+        right.plot([0, 1], [0, 1], linestyle="--", color="grey", linewidth=1, label="target: rate = α")
+        right.set_xlim(0, min(1.0, max(alphas) * 1.1 + 0.02))
+        right.set_ylim(0, 1)
+        right.set_xlabel("α")
+        right.set_ylabel("false-intervention rate")
+        right.set_title(f"measured on {rows[0].get('n_heldout', '?')} held-out safe generations", fontsize=9)
+        right.legend(fontsize=8, loc="upper left")
+        for ax in (left, right):
+            ax.grid(True, alpha=0.3)
+        fig.suptitle(title or "calibration: intervene when risk ≥ ĉ(α)", fontsize=10)
+        fig.tight_layout()
+        return _save(fig, path)
+    finally:
+        plt.close(fig)

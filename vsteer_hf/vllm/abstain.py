@@ -112,8 +112,8 @@ class ValueAbstentionLogitsProcessor(LogitsProcessor):
         tracked = tracked.to(risk.device)
         if not bool(torch.isfinite(risk[tracked]).all()):
             raise FloatingPointError(
-                "the value head returned a NaN or infinite risk; refusing to continue. Check the head's weights and run the "
-                "model in float32."
+                "the value head returned a NaN or infinite risk; refusing to continue. Check the head's weights "
+                "and run the model in float32."
             )
         force = policy.crossed(risk, thresholds.to(risk.device), self.direction) & tracked  # (B,)
         return policy.force_eos(logits, force.to(logits.device), int(self.eos_token_id))
