@@ -14,7 +14,7 @@ import threading
 
 import pytest
 import torch
-from conftest import PAD, VOCAB, batch_inputs, make_head, tiny_model
+from conftest import PAD, VOCAB, batch_inputs, make_head, tiny_model, tiny_tokenizer
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
@@ -129,8 +129,6 @@ def test_no_pad_token_pads_finished_rows_with_eos_like_generate():
 
 
 def test_extraction_without_a_pad_token_names_the_fix(tmp_path):
-    from conftest import tiny_tokenizer
-
     from vsteer_hf.train.extract import extract_features
 
     tok = tiny_tokenizer()
