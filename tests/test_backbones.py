@@ -8,7 +8,7 @@ import sys
 
 import pytest
 import torch
-from conftest import tiny_model, tiny_tokenizer
+from tiny_models import tiny_model, tiny_tokenizer
 
 from vsteer_hf import _pip, backbones
 from vsteer_hf._pip import PackageInstallError, ensure_package

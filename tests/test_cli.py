@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import json
 
-from conftest import make_head
+from tiny_models import make_head
 
 from vsteer_hf.cli import main
 

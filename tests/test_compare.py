@@ -8,7 +8,7 @@ import shutil
 
 import pytest
 import torch
-from conftest import make_head
+from tiny_models import make_head
 
 from vsteer_hf.cli import main
 from vsteer_hf.eval.compare import CompareOptions, distinct_n, parse_methods, run_compare

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import pytest
 import torch
-from conftest import EOS, FAMILIES, PAD, batch_inputs, make_head, tiny_model
+from tiny_models import EOS, FAMILIES, PAD, batch_inputs, make_head, tiny_model
 from transformers import StaticCache
 from transformers.generation.streamers import BaseStreamer
 

@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import torch
-from conftest import make_head, tiny_model, tiny_tokenizer
+from tiny_models import make_head, tiny_model, tiny_tokenizer
 
 from vsteer_hf import ValueSteerConfig, enable_value_steer
 from vsteer_hf.eval.prompts import PromptRecord

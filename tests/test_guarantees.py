@@ -14,9 +14,9 @@ import threading
 
 import pytest
 import torch
-from conftest import PAD, VOCAB, batch_inputs, make_head, tiny_model, tiny_tokenizer
 from hypothesis import given, settings
 from hypothesis import strategies as st
+from tiny_models import PAD, VOCAB, batch_inputs, make_head, tiny_model, tiny_tokenizer
 
 from vsteer_hf import ValueSteerConfig, enable_value_steer
 from vsteer_hf.head import HeadCard, ValueHead

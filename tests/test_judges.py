@@ -6,7 +6,7 @@ import math
 
 import pytest
 import torch
-from conftest import EOS, PAD, VOCAB, tiny_model, tiny_tokenizer
+from tiny_models import EOS, PAD, VOCAB, tiny_model, tiny_tokenizer
 
 from vsteer_hf._pip import PackageInstallError
 from vsteer_hf.eval.judges import (
@@ -91,7 +91,7 @@ def test_parse_verdict():
 
 
 def verdict_tokenizer():
-    """conftest's word-level tokenizer, with three of its words renamed 'safe', 'unsafe' and 'S1'."""
+    """tiny_models' word-level tokenizer, with three of its words renamed 'safe', 'unsafe' and 'S1'."""
     return tiny_tokenizer({"w10": "safe", "w11": "unsafe", "w12": "S1"})
 
 
@@ -155,7 +155,7 @@ def test_llm_judge_forced_verdicts(word, label, p):
 
 
 def test_llm_judge_without_verdict_tokens_parses_or_gives_nan():
-    # conftest's tokenizer maps 'safe' and 'unsafe' to the same unknown token: no probability to read
+    # tiny_models' tokenizer maps 'safe' and 'unsafe' to the same unknown token: no probability to read
     model, tok = tiny_model("llama"), tiny_tokenizer()
     handle = force(model, [PAD, EOS], value=-1e4)
     try:

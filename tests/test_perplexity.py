@@ -3,7 +3,7 @@ from __future__ import annotations
 import math
 
 import torch
-from conftest import tiny_model
+from tiny_models import tiny_model
 
 from vsteer_hf.eval.perplexity import continuation_nll, pooled_perplexity, text_perplexity
 

@@ -5,7 +5,7 @@ from __future__ import annotations
 import re
 from pathlib import Path
 
-from conftest import make_head
+from tiny_models import make_head
 
 README = Path(__file__).resolve().parents[1] / "README.md"
 

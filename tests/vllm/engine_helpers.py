@@ -1,4 +1,4 @@
-"""Engine test helpers: the suite's tiny model and head (tests/conftest.py) at a size vLLM's CPU attention takes."""
+"""Engine test helpers: the suite's tiny model and head (tests/tiny_models.py) at a size vLLM's CPU attention takes."""
 
 from __future__ import annotations
 
@@ -13,10 +13,10 @@ _HERE = Path(__file__).parent
 
 
 def _root_helpers():
-    """The suite's tiny-model helpers (tests/conftest.py), loaded under their own name."""
-    name = "vsteer_tests_root_helpers"
+    """The suite's tiny-model helpers (tests/tiny_models.py), found by path whatever sys.path holds."""
+    name = "tiny_models"
     if name not in sys.modules:
-        spec = importlib.util.spec_from_file_location(name, _HERE.parent / "conftest.py")
+        spec = importlib.util.spec_from_file_location(name, _HERE.parent / "tiny_models.py")
         module = importlib.util.module_from_spec(spec)
         sys.modules[name] = module
         spec.loader.exec_module(module)
