@@ -70,3 +70,26 @@ def test_cli_stage_list_matches_the_pipeline():
     from vsteer_hf.train import pipeline
 
     assert cli.STAGES == pipeline.STAGES
+
+
+def test_pipeline_dtype_is_stored_and_device_is_not(model_dir, prompt_file, tmp_path, monkeypatch):
+    """`--dtype` is a data option (features depend on it) kept in pipeline.json; `--device` is the machine's."""
+    import vsteer_hf.backbones as backbones
+
+    calls = []
+    original = backbones.load_backbone
+
+    def spy(name, dtype="auto", device=None, **kwargs):
+        calls.append((dtype, device))
+        return original(name, dtype=dtype, device=device, **kwargs)
+
+    monkeypatch.setattr(backbones, "load_backbone", spy)
+    workdir = tmp_path / "work"
+    common = ["--workdir", str(workdir), "--backbone", str(model_dir), "--prompts", str(prompt_file)]
+    small = ["--limit", "2", "--samples-per-prompt", "1", "--max-new-tokens", "2"]
+    assert main(["extract", *common, *small, "--dtype", "bfloat16", "--device", "cpu"]) == 0
+    assert calls == [("bfloat16", "cpu")]
+    stored = json.loads((workdir / "pipeline.json").read_text())
+    assert stored["dtype"] == "bfloat16" and "device" not in stored
+    assert main(["extract", "--workdir", str(workdir), "--force"]) == 0  # the stored dtype is reused
+    assert calls[-1] == ("bfloat16", None)

@@ -164,8 +164,10 @@ class StageCommand:
     def add_arguments(self, parser: argparse.ArgumentParser) -> None:
         parser.add_argument("--workdir", required=True, help="work folder (created; stages resume inside it)")
         parser.add_argument("--force", action="store_true", help="re-run stages that already completed")
+        parser.add_argument("--device", default=None, help="where the backbone runs: cpu (default), cuda, or 'auto'")
         data = parser.add_argument_group("data (first run of a workdir; later runs reuse pipeline.json)")
         data.add_argument("--backbone", help="backbone name, hub id or folder (default: smollm2-135m-instruct)")
+        data.add_argument("--dtype", help="backbone dtype for extraction and sweep: float32 (default), bfloat16")
         data.add_argument("--prompts", help="rtp | advbench | harmbench | overrefusal | a file (default rtp)")
         data.add_argument("--limit", type=int, help="at most this many prompts per split")
         data.add_argument("--chat", action="store_true", default=None, help="wrap prompts in the chat template")
@@ -181,7 +183,7 @@ class StageCommand:
     def run(self, args: argparse.Namespace) -> int:
         from vsteer_hf.train.pipeline import Pipeline
 
-        pipeline = Pipeline(args.workdir, _pipeline_config(args))
+        pipeline = Pipeline(args.workdir, _pipeline_config(args), device=args.device)
         reports = pipeline.run(self.stages, force=args.force)
         for stage, report in reports.items():
             print(f"== {stage}: {_stage_summary(stage, report)}")
@@ -206,6 +208,7 @@ def _pipeline_config(args: argparse.Namespace) -> Any:
         config = PipelineConfig(**data, train=train)
     names = (
         "backbone",
+        "dtype",
         "prompts",
         "limit",
         "chat",

@@ -42,9 +42,12 @@ class PipelineConfig:
     generations of the validation split and checked on those of the test split. Sweep: VFD with
     `num_candidates` at ĉ(α) for each of `sweep_alphas`, on the validation prompts, with
     `sweep_samples_per_prompt` samples each (VFD costs about K times a plain step on a CPU).
+    `dtype`: the backbone's dtype for extraction and the sweep (the features are the hidden states the
+    head will read at decode time, so train in the dtype you will steer in, e.g. "bfloat16" on a GPU).
     """
 
     backbone: str = "smollm2-135m-instruct"
+    dtype: str = "float32"
     prompts: str = "rtp"
     limit: int | None = None
     chat: bool = False
@@ -72,10 +75,19 @@ class PipelineConfig:
 class Pipeline:
     """Runs the stages of a `PipelineConfig` in `workdir`."""
 
-    def __init__(self, workdir: str | Path, config: PipelineConfig | None = None, progress: bool = True) -> None:
+    def __init__(
+        self,
+        workdir: str | Path,
+        config: PipelineConfig | None = None,
+        progress: bool = True,
+        device: str | None = None,
+    ) -> None:
+        """`device`: where the backbone runs (e.g. "cuda", or "auto" for device_map="auto"; default CPU).
+        A property of the machine, not of the run, so it is not stored in pipeline.json."""
         self.workdir = Path(workdir)
         self.config = config or PipelineConfig()
         self.progress = progress
+        self.device = device
 
     # ------------------------------------------------------------------ bookkeeping
     def report_path(self, stage: str) -> Path:
@@ -119,7 +131,7 @@ class Pipeline:
         from vsteer_hf.train.extract import extract_features
 
         cfg = self.config
-        model, tokenizer = load_backbone(cfg.backbone, dtype="float32", progress=self.progress)
+        model, tokenizer = load_backbone(cfg.backbone, dtype=cfg.dtype, device=self.device, progress=self.progress)
         prompts = []
         for split in ("train", "validation", "test"):
             prompts += load_prompts(cfg.prompts, split=split, limit=cfg.limit)
@@ -245,7 +257,7 @@ class Pipeline:
 
         cfg = self.config
         head = ValueHead.from_pretrained(self.workdir / "head")
-        model, tokenizer = load_backbone(cfg.backbone, dtype="float32", progress=self.progress)
+        model, tokenizer = load_backbone(cfg.backbone, dtype=cfg.dtype, device=self.device, progress=self.progress)
         model = enable_value_steer(model)
         prompts = load_prompts(cfg.prompts, split="validation", limit=cfg.limit)
         settings = GenerationSettings(
