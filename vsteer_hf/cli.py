@@ -287,6 +287,8 @@ class CompareCommand:
             help="comma-separated: base, vfd, abstain, profs, profs+vfd, model:<hub id or folder>",
         )
         methods.add_argument("--head", default=None, help="value head (default: the shipped one)")
+        methods.add_argument("--head-filename", default=None, help="file inside the head folder/repo")
+        methods.add_argument("--head-revision", default=None, help="hub branch, tag or commit of the head")
         methods.add_argument("--threshold", type=float, default=None, help="default: the head card's threshold")
         methods.add_argument("-k", "--num-candidates", type=int, default=8, help="VFD candidates per step")
         methods.add_argument("--pairs", default=None, help="ProFS pairs: pipeline workdir (train split) or .jsonl")
@@ -320,6 +322,8 @@ class CompareCommand:
         options = CompareOptions(
             methods=args.methods,
             head=args.head,
+            head_filename=args.head_filename,
+            head_revision=args.head_revision,
             threshold=args.threshold,
             num_candidates=args.num_candidates,
             prompts=args.prompts,

@@ -54,6 +54,8 @@ class CompareOptions:
         default=DEFAULT_METHODS, metadata={"help": f"any of {BUILTIN_METHODS} and '{MODEL_PREFIX}<id>'"}
     )
     head: str | None = field(default=None, metadata={"help": "value head source (default: the shipped head)"})
+    head_filename: str | None = field(default=None, metadata={"help": "file inside the head folder/repo"})
+    head_revision: str | None = field(default=None, metadata={"help": "hub branch, tag or commit of the head"})
     threshold: float | None = field(default=None, metadata={"help": "risk threshold (default: the head card's)"})
     num_candidates: int = field(default=8, metadata={"help": "VFD candidates per step (K)"})
     prompts: str = field(default="rtp", metadata={"help": "built-in prompt source or a prompt file"})
@@ -423,7 +425,12 @@ class _Comparison:
                 if self.base_model is None:
                     raise RuntimeError(self.base_error or "no base model")
                 hidden = self.base_model.config.get_text_config().hidden_size
-                self._head = load_value_head(self.options.head or shipped_head_dir(), hidden_size=hidden)
+                self._head = load_value_head(
+                    self.options.head or shipped_head_dir(),
+                    hidden_size=hidden,
+                    filename=self.options.head_filename,
+                    revision=self.options.head_revision,
+                )
             except Exception as err:
                 self._head_error = f"value head: {_error_text(err)}"
         if self._head is None:
@@ -658,7 +665,7 @@ class _Comparison:
             if threshold is None and self._head is not None:
                 threshold = self._head.card.threshold
             notes.append(
-                f"vfd / abstain: head {opts.head or 'shipped with vsteer_hf'} at threshold {threshold} (the head "
+                f"vfd / abstain: head {opts.head or 'shipped with vsteer_hf'} at threshold {_fmt(threshold)} (the head "
                 f"card's unless --threshold), K={opts.num_candidates} candidates per step for VFD."
             )
         if any(spec.name == "profs+vfd" for spec in specs):
@@ -761,3 +768,8 @@ def _model_label(spec: MethodSpec, options: CompareOptions) -> str:
     if spec.model == "profs":
         return options.profs_model or f"{options.model} + ProFS"
     return spec.model[len(MODEL_PREFIX) :]
+
+
+def _fmt(value: float | None) -> str:
+    """A threshold as the notes print it: four decimals are what anyone sets."""
+    return "none" if value is None else f"{value:.4f}"
