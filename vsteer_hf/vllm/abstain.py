@@ -8,6 +8,7 @@ section, so the `vllm.logits_processors` entry point may load it into every engi
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
@@ -69,23 +70,15 @@ class ValueAbstentionLogitsProcessor(LogitsProcessor):
         return False  # forcing EOS changes greedy picks too
 
     def update_state(self, batch_update: BatchUpdate | None) -> None:
-        if self.steering is None or batch_update is None:
+        if self.steering is None:
             return
-        for index in batch_update.removed:
-            self.rows.pop(index, None)
-        for index, params, _prompt, _output in batch_update.added:
-            self.rows.pop(index, None)
-            args = params.extra_args or {}
-            if PROBE_KEY in args or params.ignore_eos:
-                continue  # VFD probes are scored by the VFD loop; ignore_eos rows could never end
-            threshold = self.steering.request_threshold(args, self.default_threshold)
-            self.rows[index] = _Row(threshold)
-        for first, second, direction in batch_update.moved:
-            a, b = self.rows.pop(first, None), self.rows.pop(second, None)
-            if a is not None:
-                self.rows[second] = a
-            if b is not None and direction == MoveDirectionality.SWAP:
-                self.rows[first] = b
+        update_rows(self.rows, batch_update, self._row_for)
+
+    def _row_for(self, params: SamplingParams) -> _Row | None:
+        args = params.extra_args or {}
+        if PROBE_KEY in args or params.ignore_eos:
+            return None  # VFD probes are scored by the VFD loop; ignore_eos rows could never end
+        return _Row(self.steering.request_threshold(args, self.default_threshold))
 
     def apply(self, logits: torch.Tensor) -> torch.Tensor:
         if self.steering is None or not self.rows:
@@ -117,6 +110,28 @@ class ValueAbstentionLogitsProcessor(LogitsProcessor):
             )
         force = policy.crossed(risk, thresholds.to(risk.device), self.direction) & tracked  # (B,)
         return policy.force_eos(logits, force.to(logits.device), int(self.eos_token_id))
+
+
+def update_rows(
+    rows: dict[int, Any], batch_update: BatchUpdate | None, row_for: Callable[[SamplingParams], Any | None]
+) -> None:
+    """Keep a processor's per-row state aligned with the persistent batch: drop removed rows, add the
+    state `row_for` gives a new request (None: not tracked), and follow moves and swaps."""
+    if batch_update is None:
+        return
+    for index in batch_update.removed:
+        rows.pop(index, None)
+    for index, params, _prompt, _output in batch_update.added:
+        rows.pop(index, None)
+        row = row_for(params)
+        if row is not None:
+            rows[index] = row
+    for first, second, direction in batch_update.moved:
+        a, b = rows.pop(first, None), rows.pop(second, None)
+        if a is not None:
+            rows[second] = a
+        if b is not None and direction == MoveDirectionality.SWAP:
+            rows[first] = b
 
 
 def _model_eos_token_id(vllm_config: Any) -> int:

@@ -14,10 +14,10 @@ from typing import TYPE_CHECKING, Any
 
 import torch
 from vllm import SamplingParams
-from vllm.v1.sample.logits_processor import BatchUpdate, LogitsProcessor, MoveDirectionality
+from vllm.v1.sample.logits_processor import BatchUpdate, LogitsProcessor
 
 from vsteer_hf import policy
-from vsteer_hf.vllm.abstain import PROBE_KEY
+from vsteer_hf.vllm.abstain import PROBE_KEY, update_rows
 from vsteer_hf.vllm.channel import channel_for
 
 if TYPE_CHECKING:
@@ -94,21 +94,7 @@ class VFDProbeProcessor(LogitsProcessor):
         return False  # it must see the logits of greedy probe requests too
 
     def update_state(self, batch_update: BatchUpdate | None) -> None:
-        if batch_update is None:
-            return
-        for index in batch_update.removed:
-            self.rows.pop(index, None)
-        for index, params, _prompt, _output in batch_update.added:
-            self.rows.pop(index, None)
-            spec = ProbeSpec.from_extra_args(params.extra_args)
-            if spec is not None:
-                self.rows[index] = spec
-        for first, second, direction in batch_update.moved:
-            a, b = self.rows.pop(first, None), self.rows.pop(second, None)
-            if a is not None:
-                self.rows[second] = a
-            if b is not None and direction == MoveDirectionality.SWAP:
-                self.rows[first] = b
+        update_rows(self.rows, batch_update, lambda params: ProbeSpec.from_extra_args(params.extra_args))
 
     def apply(self, logits: torch.Tensor) -> torch.Tensor:
         if not self.rows:
