@@ -20,6 +20,7 @@ from vsteer_hf.policy import (
     force_eos,
     gather_selected,
     intervened,
+    refuse_non_finite,
     resolve_thresholds,
     sample_candidates,
     select_candidates,
@@ -404,3 +405,10 @@ def test_module_imports_only_torch_and_stdlib():
         elif isinstance(node, ast.ImportFrom):
             roots.add((node.module or "").split(".")[0])
     assert roots <= {"__future__", "math", "numbers", "collections", "torch"}, roots
+
+
+@pytest.mark.parametrize("bad", [NAN, INF, -INF])
+def test_refuse_non_finite_names_where(bad):
+    refuse_non_finite(torch.tensor([0.0, 0.5, 1.0]), "step 0")  # finite risks pass
+    with pytest.raises(FloatingPointError, match="NaN or infinite risk at VFD step 3; refusing to commit"):
+        refuse_non_finite(torch.tensor([[0.1, bad]]), "VFD step 3")

@@ -21,6 +21,7 @@ __all__ = [
     "force_eos",
     "gather_selected",
     "intervened",
+    "refuse_non_finite",
     "resolve_thresholds",
     "sample_candidates",
     "select_candidates",
@@ -186,14 +187,23 @@ def crossed(risk: Tensor, thresholds: Tensor, direction: str = "above") -> torch
 
     `above`: risk >= threshold, the complement of VFD's "safe iff risk < threshold" (heads scoring
     P(undesirable)); `below`: risk < threshold (heads scoring a value, quit when it is low), as the
-    vLLM plugin's runners do. A NaN risk gives False: callers that must not let NaN pass silently
-    check `risk.isnan()` themselves.
+    vLLM plugin's runners do. A NaN risk gives False: call `refuse_non_finite` first.
     """
     if direction == "above":
         return risk >= thresholds
     if direction == "below":
         return risk < thresholds
     raise ValueError(f"unknown direction {direction!r}; allowed directions: {', '.join(DIRECTIONS)}.")
+
+
+def refuse_non_finite(risk: Tensor, where: str) -> None:
+    """Raise where any risk is NaN or infinite: NaN compares False with every threshold, so a decision
+    taken on it would pass silently. `where` names the step in the message. Synchronises with the host."""
+    if not bool(torch.isfinite(risk).all()):
+        raise FloatingPointError(
+            f"the value head returned a NaN or infinite risk at {where}; refusing to commit a token. Check the "
+            "head's weights and the backbone's hidden states (an fp16 overflow? try bfloat16 or float32)."
+        )
 
 
 def force_eos(scores: Tensor, rows: torch.BoolTensor, eos_token_id: int) -> Tensor:

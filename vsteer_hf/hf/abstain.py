@@ -82,11 +82,7 @@ class ValueAbstentionProcessor(LogitsProcessor):
             self.abstain_step = torch.full((batch,), -1, dtype=torch.long, device=scores.device)
             self._thresholds = policy.resolve_thresholds(self.threshold, batch, hidden.device)
         risk = self.head.placed(hidden.device).p(hidden)  # (B,)
-        if not bool(torch.isfinite(risk).all()):
-            raise FloatingPointError(
-                f"the value head returned a NaN or infinite risk at generation step {length - self._prompt_len}; "
-                "refusing to continue. Check the head's weights and the backbone's hidden states (try float32)."
-            )
+        policy.refuse_non_finite(risk, f"generation step {length - self._prompt_len}")
         self.risks.append(risk)
         force = policy.crossed(risk, self._thresholds, self.direction).to(scores.device) & ~self.abstained
         self.abstain_step = torch.where(force, length - self._prompt_len, self.abstain_step)

@@ -125,15 +125,6 @@ def _check_prompt_lengths(
         )
 
 
-def _refuse_non_finite(risk: torch.Tensor, where: str) -> None:
-    """Never decide on NaN: a NaN compares False with every threshold and would pass silently."""
-    if not bool(torch.isfinite(risk).all()):
-        raise FloatingPointError(
-            f"the value head returned a NaN or infinite risk at {where}; refusing to commit a token. Check the "
-            "head's weights and the backbone's hidden states (an fp16 overflow? try bfloat16 or float32)."
-        )
-
-
 def value_steered_sample(
     model: Any,
     input_ids: torch.LongTensor,
@@ -212,7 +203,7 @@ def value_steered_sample(
     abstain_pending = torch.zeros(batch, dtype=torch.bool, device=feature_device)
     if steer.mode == "abstain":  # the last prompt state decides the first token
         prompt_risk = head.p(capture.hidden)  # (B,)
-        _refuse_non_finite(prompt_risk, "the last prompt token")
+        policy.refuse_non_finite(prompt_risk, "the last prompt token")
         abstain_pending = policy.crossed(prompt_risk, thresholds, direction)
     abstained = torch.zeros(batch, dtype=torch.bool, device=input_ids.device)
     abstain_step = torch.full((batch,), -1, dtype=torch.long, device=input_ids.device)
@@ -256,7 +247,7 @@ def value_steered_sample(
         hidden = hidden.to(feature_device)
         risks = head.p(hidden)  # (B, K) fp32
         live = unfinished.to(risks.device)
-        _refuse_non_finite(risks[live], f"generation step {step}")
+        policy.refuse_non_finite(risks[live], f"generation step {step}")
         if steer.mode == "vfd" and k > 1:
             cand_probs = policy.candidate_probs(probs, candidates).to(risks.device) if probs is not None else None
             winner = policy.select_candidates(

@@ -103,11 +103,7 @@ class ValueAbstentionLogitsProcessor(LogitsProcessor):
                 thresholds[index] = row.threshold
                 tracked[index] = True
         tracked = tracked.to(risk.device)
-        if not bool(torch.isfinite(risk[tracked]).all()):
-            raise FloatingPointError(
-                "the value head returned a NaN or infinite risk; refusing to continue. Check the head's weights "
-                "and run the model in float32."
-            )
+        policy.refuse_non_finite(risk[tracked], "this engine step")
         force = policy.crossed(risk, thresholds.to(risk.device), self.direction) & tracked  # (B,)
         return policy.force_eos(logits, force.to(logits.device), int(self.eos_token_id))
 

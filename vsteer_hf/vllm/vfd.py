@@ -9,7 +9,6 @@ does. One engine forward per step, but K prefill rows per prompt: slower than pl
 
 from __future__ import annotations
 
-import math
 import warnings
 from collections.abc import Sequence
 from dataclasses import dataclass
@@ -145,11 +144,7 @@ def vfd_generate(
         tags = [[f"{step}:{b}:{token}" for token in candidates[b]] for b in active]
         risks = torch.tensor([[_probe_result(found, t)["risk"] for t in row] for row in tags])  # (A, K)
         cand = torch.tensor([candidates[b] for b in active])  # (A, K)
-        if math.isnan(float(risks.sum())):
-            raise FloatingPointError(
-                f"the value head returned NaN risk at VFD step {step}; refusing to commit a token. Check the head's "
-                "weights and run the model in float32."
-            )
+        policy.refuse_non_finite(risks, f"VFD step {step}")
         if num_candidates > 1:
             probs = torch.tensor([cand_probs[b] for b in active]) if config.rule == "args" else None
             row_thresholds = torch.tensor([thresholds[b] for b in active], dtype=torch.float32)
