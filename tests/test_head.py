@@ -400,16 +400,20 @@ def test_pickle_that_runs_code_is_refused_and_runs_nothing(tmp_path, where):
     assert marker.exists()
 
 
-def _safetensors(tmp_path, name="value_head.safetensors", **overrides):
+def _checkpoint(tmp_path, fmt="safetensors", **overrides):
+    """The reference head's weights with `overrides` replacing entries, saved as value_head.<fmt>."""
     state = {k: v.contiguous() for k, v in reference_mlp().state_dict().items()}
     state.update(overrides)
-    path = tmp_path / name
-    save_file(state, str(path))
+    path = tmp_path / f"value_head.{fmt}"
+    if fmt == "safetensors":
+        save_file(state, str(path))
+    else:
+        torch.save(state, path)
     return path
 
 
 def test_truncated_safetensors_is_refused_before_reading(tmp_path):
-    path = _safetensors(tmp_path)
+    path = _checkpoint(tmp_path)
     data = path.read_bytes()
     path.write_bytes(data[:-10])
     with pytest.raises(ValueError, match=r"truncated safetensors file: the header places tensor data up to byte \d+"):
@@ -423,7 +427,7 @@ def test_truncated_safetensors_is_refused_before_reading(tmp_path):
 
 
 def test_oversized_safetensors_is_refused(tmp_path):
-    path = _safetensors(tmp_path)
+    path = _checkpoint(tmp_path)
     with open(path, "ab") as f:
         f.write(b"\0" * 4096)
     with pytest.raises(ValueError, match="oversized safetensors file: 4096 bytes follow the last tensor"):
@@ -432,7 +436,7 @@ def test_oversized_safetensors_is_refused(tmp_path):
 
 def test_safetensors_header_announcing_a_huge_tensor_is_refused_without_allocating(tmp_path):
     """A forged header that declares a 10^12-element weight: refused from the header alone."""
-    path = _safetensors(tmp_path)
+    path = _checkpoint(tmp_path)
     data = path.read_bytes()
     (n,) = __import__("struct").unpack("<Q", data[:8])
     header = json.loads(data[8 : 8 + n])
@@ -452,15 +456,10 @@ def test_huge_safetensors_header_is_refused(tmp_path):
 
 @pytest.mark.parametrize("fmt", ["safetensors", "bin"])
 def test_wrong_dtype_is_refused(tmp_path, fmt):
-    bad = torch.ones(1, dtype=torch.int64)
+    path = _checkpoint(tmp_path, fmt, **{"4.bias": torch.ones(1, dtype=torch.int64)})
     if fmt == "safetensors":
-        path = _safetensors(tmp_path, **{"4.bias": bad})
         pattern = r"4\.bias: dtype I64 \(value-head weights must be F16, BF16, F32 or F64\)"
     else:
-        state = dict(reference_mlp().state_dict())
-        state["4.bias"] = bad
-        path = tmp_path / "value_head.bin"
-        torch.save(state, path)
         pattern = r"must be floating point, got \['4\.bias \(torch\.int64\)'\]"
     with pytest.raises(ValueError, match=pattern):
         load_value_head(path)
@@ -468,13 +467,7 @@ def test_wrong_dtype_is_refused(tmp_path, fmt):
 
 @pytest.mark.parametrize("fmt", ["safetensors", "bin"])
 def test_wrong_shape_is_refused_in_both_formats(tmp_path, fmt):
-    if fmt == "safetensors":
-        path = _safetensors(tmp_path, **{"2.bias": torch.zeros(H + 1)})
-    else:
-        state = dict(reference_mlp().state_dict())
-        state["2.bias"] = torch.zeros(H + 1)
-        path = tmp_path / "value_head.bin"
-        torch.save(state, path)
+    path = _checkpoint(tmp_path, fmt, **{"2.bias": torch.zeros(H + 1)})
     with pytest.raises(ValueError, match=r"2\.bias: \(17,\) != expected \(16,\)"):
         load_value_head(path)
 
@@ -484,13 +477,7 @@ def test_wrong_shape_is_refused_in_both_formats(tmp_path, fmt):
 def test_non_finite_weights_are_refused(tmp_path, fmt, bad):
     weight = reference_mlp().state_dict()["2.weight"].clone()
     weight[3, 4] = bad
-    if fmt == "safetensors":
-        path = _safetensors(tmp_path, **{"2.weight": weight})
-    else:
-        state = dict(reference_mlp().state_dict())
-        state["2.weight"] = weight
-        path = tmp_path / "value_head.bin"
-        torch.save(state, path)
+    path = _checkpoint(tmp_path, fmt, **{"2.weight": weight})
     with pytest.raises(ValueError, match=r"NaN or infinite values in \['2\.weight'\]"):
         load_value_head(path)
 
