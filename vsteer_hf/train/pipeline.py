@@ -1,7 +1,10 @@
 """The decode-matched pipeline: extract -> label -> train -> calibrate -> sweep, each stage resumable.
 
-Every stage reads and writes under one work folder and leaves `<stage>.json` (its report) when it
-completes; a later run skips completed stages unless forced. Only `extract` needs the backbone:
+Every stage reads and writes under one work folder and leaves `<stage>.json` (its report, with the
+fingerprint of the options and earlier stages that made it) when it completes; a later run reuses a
+completed stage only while that fingerprint holds (see `provenance`): one made with other options is
+refused (recompute it with --force, or use a new work folder), one built on an earlier stage that was
+recomputed since is recomputed. Only `extract` needs the backbone:
 training and calibration read the feature cache, so they run without the model in memory. The
 sweep steers the validation prompts at the thresholds ĉ(α) of a few α and records the recommended
 threshold in the head card: the most permissive one that halves the judge's undesirable rate.
@@ -16,6 +19,7 @@ threshold in the head card: the most permissive one that halves the judge's unde
 from __future__ import annotations
 
 import json
+import shutil
 import time
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -25,9 +29,14 @@ import numpy as np
 import torch
 
 from vsteer_hf.train.calibrate import DEFAULT_ALPHAS, calibration_report, conformal_curve
+from vsteer_hf.train.provenance import Freshness, adopt_legacy_reports, freshness, new_run_id, stage_options
 from vsteer_hf.train.trainer import TrainConfig
 
 STAGES = ("extract", "label", "train", "calibrate", "sweep")
+
+
+def stages_in_order(stages: tuple[str, ...]) -> list[str]:
+    return [s for s in STAGES if s in stages]
 
 
 @dataclass
@@ -103,26 +112,123 @@ class Pipeline:
         return json.loads(path.read_text())
 
     def _finish(self, stage: str, report: dict[str, Any]) -> dict[str, Any]:
-        report = {"stage": stage, "finished": time.strftime("%Y-%m-%dT%H:%M:%S"), **report}
+        report = {
+            "stage": stage,
+            "finished": time.strftime("%Y-%m-%dT%H:%M:%S"),
+            "run_id": new_run_id(),
+            "fingerprint": self._fingerprint(stage),
+            **report,
+        }
         self.report_path(stage).write_text(json.dumps(report, indent=2, default=float) + "\n")
+        self._started_path(stage).unlink(missing_ok=True)
         return report
 
+    def _fingerprint(self, stage: str) -> dict[str, Any]:
+        """The options that make `stage` and the run ids of the earlier stages on disk now."""
+        earlier = STAGES[: STAGES.index(stage)]
+        return {
+            "options": stage_options(self.config.to_dict(), stage),
+            "inputs": {name: self.report(name)["run_id"] for name in earlier if self.done(name)},
+        }
+
+    def _started_path(self, stage: str) -> Path:
+        return self.workdir / f"{stage}.started.json"
+
+    def _freshness(self, stage: str, reports: dict[str, dict[str, Any]]) -> Freshness:
+        earlier = STAGES[: STAGES.index(stage)]
+        inputs = {name: reports[name]["run_id"] for name in earlier if name in reports}
+        return freshness(stage, reports.get(stage), stage_options(self.config.to_dict(), stage), inputs)
+
+    def _stale(self, stage: str, state: Freshness, asked: bool) -> ValueError:
+        fix = (
+            f"`vsteer {stage} --workdir {self.workdir} --force`"
+            if asked
+            else f"`vsteer {stage} --workdir {self.workdir}`"
+        )
+        action = "recompute it with" if asked else "bring it up to date with"
+        return ValueError(
+            f"{self.workdir}: stage {stage!r} is stale: {state.reason}; {action} {fix} "
+            "(later stages follow), or use a new --workdir."
+        )
+
     def run(self, stages: tuple[str, ...] = STAGES, force: bool = False) -> dict[str, dict[str, Any]]:
-        """Run `stages` in order, skipping completed ones unless `force`."""
+        """Run `stages` in order, reusing completed ones whose options and inputs are unchanged.
+
+        A completed stage made with other options is refused unless `force`; one built on an earlier stage
+        that was recomputed since is recomputed; an earlier stage not asked for must be fresh. Nothing is
+        written before every check has passed.
+        """
         unknown = set(stages) - set(STAGES)
         if unknown:
             raise ValueError(f"unknown stages {sorted(unknown)}; stages are {STAGES}.")
+        reports = {s: self.report(s) for s in STAGES if self.done(s)}
+        stored = self.workdir / "pipeline.json"
+        stored_config = json.loads(stored.read_text()) if stored.is_file() else None
+        adopted = adopt_legacy_reports(reports, stored_config, str(self.workdir))
+        plan = self._plan(stages, force, reports)
         self.workdir.mkdir(parents=True, exist_ok=True)
-        (self.workdir / "pipeline.json").write_text(json.dumps(self.config.to_dict(), indent=2) + "\n")
-        reports = {}
-        for stage in STAGES:
+        for stage in adopted:
+            self.report_path(stage).write_text(json.dumps(reports[stage], indent=2, default=float) + "\n")
+        stored.write_text(json.dumps(self.config.to_dict(), indent=2) + "\n")
+        results = {}
+        for stage in stages_in_order(stages):
+            if plan[stage] == "reuse":
+                results[stage] = reports[stage]
+                continue
+            if stage == "extract" and plan[stage] == "recompute":
+                shutil.rmtree(self.workdir / "features", ignore_errors=True)  # else the cache resumes the old draws
+            self._started_path(stage).write_text(json.dumps(self._fingerprint(stage)) + "\n")
+            results[stage] = getattr(self, stage)()
+        return results
+
+    def _plan(self, stages: tuple[str, ...], force: bool, reports: dict[str, dict[str, Any]]) -> dict[str, str]:
+        """For each asked stage: reuse | compute (none yet) | recompute (replace); raise for a stale one."""
+        plan: dict[str, str] = {}
+        upstream_recomputed = False
+        last = max(STAGES.index(s) for s in stages) if stages else -1
+        for stage in STAGES[: last + 1]:
+            state = self._freshness(stage, reports)
             if stage not in stages:
+                if upstream_recomputed or state.status == "inputs":
+                    raise self._stale(
+                        stage, Freshness("inputs", state.reason or "an earlier stage is recomputed"), False
+                    )
+                if state.status == "missing":
+                    raise FileNotFoundError(
+                        f"stage {stage!r} has not completed in {self.workdir}; run `vsteer {stage}` first."
+                    )
+                if state.status != "fresh":
+                    raise self._stale(stage, state, True)
                 continue
-            if self.done(stage) and not force:
-                reports[stage] = self.report(stage)
-                continue
-            reports[stage] = getattr(self, stage)()
-        return reports
+            if state.status == "missing":
+                plan[stage] = "compute"
+                self._check_unfinished(stage, force)
+            elif force or upstream_recomputed or state.status == "inputs":
+                plan[stage] = "recompute"
+            elif state.status == "fresh":
+                plan[stage] = "reuse"
+            else:
+                raise self._stale(stage, state, True)
+            upstream_recomputed = upstream_recomputed or plan[stage] != "reuse"
+        return plan
+
+    def _check_unfinished(self, stage: str, force: bool) -> None:
+        """Extraction resumes an unfinished feature cache only if the same options started it."""
+        if stage != "extract" or not (self.workdir / "features").exists():
+            return
+        started = self._started_path(stage)
+        record = json.loads(started.read_text()) if started.is_file() else None
+        options = stage_options(self.config.to_dict(), stage)
+        if record is not None and record["options"] == options:
+            return
+        if force:
+            shutil.rmtree(self.workdir / "features")
+            return
+        why = "with other options" if record is not None else "by an unrecorded run"
+        raise ValueError(
+            f"{self.workdir}: features/ holds an unfinished extraction started {why}; discard it with "
+            f"`vsteer extract --workdir {self.workdir} --force`, or use a new --workdir."
+        )
 
     # ------------------------------------------------------------------ stages
     def extract(self) -> dict[str, Any]:
