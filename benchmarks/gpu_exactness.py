@@ -164,7 +164,7 @@ def device_placement(device: torch.device) -> list[dict[str, Any]]:
                 home = [p.device for p in head.parameters()]
                 placed_on: list[str] = []
                 original = head.placed
-                head.placed = lambda d, _o=original: placed_on.append(str(torch.device(d))) or _o(d)  # record calls
+                head.placed = lambda d, _o=original, _seen=placed_on: _seen.append(str(torch.device(d))) or _o(d)
                 steer = ValueSteerConfig(head=head, threshold=0.5, num_candidates=8)
                 first = next(model.parameters()).device
                 out = _generate(model, ids_cpu.to(first), mask_cpu.to(first), steer)
