@@ -63,6 +63,19 @@ def _inputs(device: torch.device, batch: int = 3) -> tuple[torch.Tensor, torch.T
     return ids.to(device), mask.to(device)
 
 
+def _steered(model, ids, mask, head, k: int, path: str, **kw) -> Any:
+    steer = ValueSteerConfig(head=head, threshold=0.5, num_candidates=k, candidate_forward=path)
+    return _generate(model, ids, mask, steer, **kw)
+
+
+def _attempt(run: Any, *args: Any, **kwargs: Any) -> tuple[Any, str]:
+    """(result, "") or (None, the error in one line): a path that raises is a failed row, not a lost report."""
+    try:
+        return run(*args, **kwargs), ""
+    except Exception as err:
+        return None, f"{type(err).__name__}: {str(err).splitlines()[0] if str(err) else ''}"
+
+
 def _row(check: str, ok: bool, detail: str = "", **case: Any) -> dict[str, Any]:
     return {"check": check, **case, "ok": bool(ok), "detail": detail}
 
@@ -76,12 +89,14 @@ def never_intervening(device: torch.device, dtypes: list[str], ks: list[int]) ->
         for sample in (False, True):
             plain = _generate(model, ids, mask, sample=sample)
             for k, path in itertools.product(ks, PATHS):
-                steer = ValueSteerConfig(head=head, threshold=0.5, num_candidates=k, candidate_forward=path)
-                out = _generate(model, ids, mask, steer, sample=sample)
+                case = {"family": family, "dtype": dtype, "path": path, "k": k, "sample": sample}
+                out, error = _attempt(_steered, model, ids, mask, head, k, path, sample=sample)
+                if out is None:
+                    rows.append(_row("never-intervening == plain generate", False, error, **case))
+                    continue
                 same = torch.equal(out.sequences, plain.sequences)
                 quiet = not bool(out.interventions.any())
                 detail = "" if same and quiet else ("tokens differ" if not same else "the head intervened")
-                case = {"family": family, "dtype": dtype, "path": path, "k": k, "sample": sample}
                 rows.append(_row("never-intervening == plain generate", same and quiet, detail, **case))
     return rows
 
@@ -93,14 +108,20 @@ def intervening(device: torch.device, dtypes: list[str]) -> list[dict[str, Any]]
         model = _model(family, dtype, device)
         head = make_head(model.config.get_text_config().hidden_size, scale=4.0).to(device)
         ids, mask = _inputs(device)
-        outs = {}
+        outs, errors = {}, {}
         for path in PATHS:
-            steer = ValueSteerConfig(head=head, threshold=0.5, num_candidates=4, candidate_forward=path)
-            outs[path] = _generate(model, ids, mask, steer, sample=sample, eos_token_id=None)
+            outs[path], errors[path] = _attempt(
+                _steered, model, ids, mask, head, 4, path, sample=sample, eos_token_id=None
+            )
         ref_path, ref = PATHS[0], outs[PATHS[0]]
-        acted = bool(ref.interventions.any())
+        acted = ref is not None and bool(ref.interventions.any())
         for path in PATHS[1:]:
             out = outs[path]
+            case = {"family": family, "dtype": dtype, "path": f"{path} vs {ref_path}", "k": 4, "sample": sample}
+            if out is None or ref is None:
+                error = errors[path] or f"{ref_path}: {errors[ref_path]}"
+                rows.append(_row("intervening: paths agree", False, error, **case))
+                continue
             same = torch.equal(out.sequences, ref.sequences)
             diff = _max_risk_diff(out.value_scores, ref.value_scores) if same else float("nan")
             ok = same and acted and diff <= RISK_TOLERANCE[dtype]
@@ -109,7 +130,6 @@ def intervening(device: torch.device, dtypes: list[str]) -> list[dict[str, Any]]
                 detail = "tokens differ"
             elif not acted:
                 detail = "the head never intervened: the comparison means nothing"
-            case = {"family": family, "dtype": dtype, "path": f"{path} vs {ref_path}", "k": 4, "sample": sample}
             rows.append(_row("intervening: paths agree", ok, detail, **case))
     return rows
 
@@ -129,11 +149,11 @@ def static_cache(device: torch.device, dtypes: list[str]) -> list[dict[str, Any]
         ids, mask = _inputs(device)
         plain = _generate(model, ids, mask, cache_implementation="static")
         for path in PATHS:
-            steer = ValueSteerConfig(head=head, threshold=0.5, num_candidates=8, candidate_forward=path)
-            out = _generate(model, ids, mask, steer, cache_implementation="static")
-            same = torch.equal(out.sequences, plain.sequences)
+            out, error = _attempt(_steered, model, ids, mask, head, 8, path, cache_implementation="static")
+            same = out is not None and torch.equal(out.sequences, plain.sequences)
             case = {"family": "llama", "dtype": dtype, "path": path, "k": 8, "sample": False}
-            rows.append(_row("static cache == plain static", same, "" if same else "tokens differ", **case))
+            detail = error or ("" if same else "tokens differ")
+            rows.append(_row("static cache == plain static", same, detail, **case))
     return rows
 
 

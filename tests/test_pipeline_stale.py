@@ -139,3 +139,15 @@ def test_an_unfinished_extraction_resumes_only_with_the_options_that_started_it(
     assert "unfinished extraction started with other options" in capsys.readouterr().err
     assert main(["extract", *extract_args, "--force"]) == 0
     assert json.loads((workdir / "extract.json").read_text())["sequences"] == 12
+
+
+def test_an_old_pipeline_json_without_newer_options_adopts_their_defaults(extract_args, tmp_path):
+    workdir = tmp_path / "work"
+    assert main(["extract", *extract_args]) == 0
+    _strip_fingerprints(workdir)
+    stored = json.loads((workdir / "pipeline.json").read_text())
+    del stored["dtype"]  # pipeline.json from before --dtype existed
+    (workdir / "pipeline.json").write_text(json.dumps(stored))
+    with pytest.warns(UserWarning, match="adopting"):
+        assert main(["extract", "--workdir", str(workdir)]) == 0
+    assert json.loads((workdir / "extract.json").read_text())["fingerprint"]["options"]["dtype"] == "float32"

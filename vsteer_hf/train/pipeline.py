@@ -21,7 +21,7 @@ from __future__ import annotations
 import json
 import shutil
 import time
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, fields
 from pathlib import Path
 from typing import Any
 
@@ -79,6 +79,18 @@ class PipelineConfig:
         data["alphas"] = list(self.alphas)
         data["sweep_alphas"] = list(self.sweep_alphas)
         return data
+
+    @classmethod
+    def from_dict(cls, data: dict[str, Any]) -> PipelineConfig:
+        """From a stored `to_dict()`; options it lacks (written before they existed) take their defaults."""
+        names = {f.name for f in fields(cls)}
+        known = {k: v for k, v in data.items() if k in names and k != "train"}
+        for key in ("alphas", "sweep_alphas"):
+            if key in known:
+                known[key] = tuple(known[key])
+        train_names = {f.name for f in fields(TrainConfig)}
+        train = TrainConfig(**{k: v for k, v in data.get("train", {}).items() if k in train_names})
+        return cls(**known, train=train)
 
 
 class Pipeline:
@@ -163,7 +175,7 @@ class Pipeline:
             raise ValueError(f"unknown stages {sorted(unknown)}; stages are {STAGES}.")
         reports = {s: self.report(s) for s in STAGES if self.done(s)}
         stored = self.workdir / "pipeline.json"
-        stored_config = json.loads(stored.read_text()) if stored.is_file() else None
+        stored_config = PipelineConfig.from_dict(json.loads(stored.read_text())).to_dict() if stored.is_file() else None
         adopted = adopt_legacy_reports(reports, stored_config, str(self.workdir))
         plan = self._plan(stages, force, reports)
         self.workdir.mkdir(parents=True, exist_ok=True)
