@@ -116,6 +116,7 @@ def main(argv: list[str] | None = None) -> int:
     gen = torch.Generator().manual_seed(SEED)
     direction = torch.nn.functional.normalize(torch.randn(hidden, generator=gen), dim=0).to(device)
     rows: list[dict[str, Any]] = []
+    failed: list[dict[str, Any]] = []
     for batch in batches:
         ids = torch.randint(3, vocab, (batch, args.prompt), generator=gen).to(device)
         scores = visited_states(model, ids, args.new_tokens, seed=SEED + 1) @ direction
@@ -124,10 +125,14 @@ def main(argv: list[str] | None = None) -> int:
         held_out = visited_states(model, ids, args.new_tokens, seed=SEED + 2)
         flag_rate = float((head.p(held_out) >= THRESHOLD).float().mean())
         methods: dict[str, ValueSteerConfig | None] = {"plain generate": None}
-        for path in PATHS:
-            methods[f"VFD {path} K={args.k}"] = ValueSteerConfig(
-                head=head, threshold=THRESHOLD, num_candidates=args.k, candidate_forward=path
-            )
+        for path in PATHS:  # a path that raises is reported; the others are still measured
+            name = f"VFD {path} K={args.k}"
+            try:
+                steer = ValueSteerConfig(head=head, threshold=THRESHOLD, num_candidates=args.k, candidate_forward=path)
+                timed(model, ids, 2, steer, device)
+                methods[name] = steer
+            except Exception as err:
+                failed.append({"batch": batch, "method": name, "error": f"{type(err).__name__}: {err}"})
         runs = {name: {"step_ms": [], "peak_mib": [], "interventions": []} for name in methods}
         for repeat in range(args.repeats + 1):  # repeat 0 warms up
             for name, steer in methods.items():
@@ -170,10 +175,12 @@ def main(argv: list[str] | None = None) -> int:
     }
     args.out.mkdir(parents=True, exist_ok=True)
     text = table(rows)
-    (args.out / "planted.md").write_text(f"{env['device']}, {args.model}, {env['date']}\n\n{text}\n")
-    (args.out / "planted.json").write_text(json.dumps({"environment": env, "rows": rows}, indent=1) + "\n")
-    print(text)
-    return 0
+    errors = "".join(f"\nFAILED batch {f['batch']} {f['method']}: {f['error']}" for f in failed)
+    (args.out / "planted.md").write_text(f"{env['device']}, {args.model}, {env['date']}\n\n{text}\n{errors}")
+    payload = {"environment": env, "rows": rows, "failed": failed}
+    (args.out / "planted.json").write_text(json.dumps(payload, indent=1) + "\n")
+    print(text + errors)
+    return 1 if failed else 0
 
 
 def timed(model: Any, ids: torch.Tensor, new_tokens: int, steer: Any, device: torch.device) -> tuple[float, Any]:
