@@ -78,9 +78,13 @@ def project_out(module: nn.Module, basis: torch.Tensor, *, project_bias: bool = 
 
 def _resolve(config: ProFSConfig, model: nn.Module, num_pairs: int) -> tuple[int, list[int]]:
     num_layers = len(decoder_layers(model))
-    layers = default_layers(num_layers) if config.layers == "auto" else _check_layer_ids(config.layers, num_layers)
+    model_type = getattr(getattr(model, "config", None), "model_type", None)
+    if config.layers == "auto":
+        layers = default_layers(num_layers, model_type)
+    else:
+        layers = _check_layer_ids(config.layers, num_layers)
     hidden = _hidden_size(model)
-    k = default_k(hidden, num_pairs) if config.k == "auto" else int(config.k)
+    k = default_k(hidden, num_pairs, model_type, num_layers) if config.k == "auto" else int(config.k)
     if k > min(num_pairs, hidden):
         raise ValueError(f"k={k} exceeds min(pairs={num_pairs}, hidden={hidden}); lower k, add pairs, or use k='auto'.")
     return k, layers
@@ -139,6 +143,8 @@ def apply_profs_from_embeddings(
         centering=config.centering,
         project_bias=config.project_bias,
         max_length=config.max_length,
+        pooling=config.pooling,
+        drop_first=config.drop_first,
         timestamp=datetime.now(timezone.utc).isoformat(timespec="seconds"),
         library_version=_library_version(),
         previous=previous,
@@ -173,7 +179,15 @@ def apply_profs(
 
     def embed(texts: list[str]) -> torch.Tensor:
         return layer_sentence_embeddings(
-            model, tokenizer, texts, config.batch_size, layers, show_progress, config.max_length
+            model,
+            tokenizer,
+            texts,
+            config.batch_size,
+            layers,
+            show_progress,
+            config.max_length,
+            pooling=config.pooling,
+            drop_first=config.drop_first,
         )  # (len(layers), N, H)
 
     return apply_profs_from_embeddings(model, embed(preferred_texts), embed(non_preferred_texts), config)
