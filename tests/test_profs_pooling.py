@@ -122,7 +122,9 @@ def test_masked_mean_subspace_is_the_first_token_artefact_and_reference_pooling_
     lengths = torch.randint(1, 10, (40, 3), generator=g).tolist()
     prompts = [text(p + 2) for p, _, _ in lengths]
     preferred = [f"{p} {text(a)}" for p, (_, a, _) in zip(prompts, lengths, strict=True)]
-    non_preferred = [f"{p} {text(b, toxic[: 1 + i % 3])}" for i, (p, (_, _, b)) in enumerate(zip(prompts, lengths))]
+    non_preferred = [
+        f"{p} {text(b, toxic[: 1 + i % 3])}" for i, (p, (_, _, b)) in enumerate(zip(prompts, lengths, strict=True))
+    ]
     # the planted activation is there: position 0 dwarfs the rest at the edited layer
     ids = tokenizer(preferred[:1], return_tensors="pt")["input_ids"]
     states = model(input_ids=ids, output_hidden_states=True).hidden_states[3][0]  # (T, H)

@@ -16,7 +16,6 @@ import gc
 import math
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
-from pathlib import Path
 from typing import Any
 
 import numpy as np
@@ -81,6 +80,15 @@ class CompareOptions:
     )
     max_pairs: int | None = field(default=500, metadata={"help": "at most this many pairs (the paper uses 500)"})
     profs_model: str | None = field(default=None, metadata={"help": "a saved/published ProFS model instead"})
+    select: bool = field(default=False, metadata={"help": "choose ProFS's k and layers on validation (select_profs)"})
+    budget: float = field(default=0.10, metadata={"help": "fluency budget: at most this much perplexity increase"})
+    select_ks: Sequence[int] = field(default=(), metadata={"help": "k values to try (default 1,2,4,8 + default k)"})
+    select_layers: str | None = field(default=None, metadata={"help": "layer ranges to try, e.g. '14-28,14-29'"})
+    select_samples_per_prompt: int = field(default=2, metadata={"help": "samples per validation prompt"})
+    select_reference_tokens: int = field(
+        default=1024, metadata={"help": "reference tokens after the reported ones, for the selection"}
+    )
+    vfd_thresholds: Sequence[float] = field(default=(), metadata={"help": "extra VFD thresholds for the curve"})
     reference_tokens: int = field(default=2048, metadata={"help": "reference-text tokens per model (0: skip)"})
     reference_text: str | None = field(default=None, metadata={"help": "a UTF-8 text file instead of the KJV"})
     device: str | None = field(default=None, metadata={"help": "cpu, cuda, 'auto' (device_map); default cuda if any"})
@@ -158,6 +166,9 @@ class _Comparison:
         self._head_error: str | None = None
         self._reference_ppl: dict[str, float] = {}
         self.retokenized: list[str] = []
+        self.flags: dict[str, tuple[list[float], list[str]]] = {}  # method -> (toxic or not, prompt id)
+        self.profs_selection: Any = None
+        self.profs_pairs: Any = None
         self.prompts = load_prompts(options.prompts, split=options.split, limit=options.limit)
         if not self.prompts:
             raise ValueError(f"no prompts in {options.prompts!r} (split={options.split!r}, limit={options.limit})")
@@ -271,7 +282,7 @@ class _Comparison:
 
     def profs_model(self) -> tuple[Any, Any]:
         """The ProFS model: `--profs-model` loaded, or a copy of the base model edited from `--pairs`."""
-        from vsteer_hf.profs import ProFSConfig, apply_profs, preference_pairs_from_cache, read_pairs_jsonl
+        from vsteer_hf.profs import ProFSConfig, apply_profs, load_pairs
 
         opts = self.options
         if opts.profs_model:
@@ -285,21 +296,15 @@ class _Comparison:
                 "method 'profs' needs --pairs (a pipeline work folder, whose training split is used, or a .jsonl "
                 'of {"prompt", "preferred", "non_preferred"}) or --profs-model <saved ProFS model>'
             )
-        source = Path(opts.pairs)
-        if source.is_dir():
-            pairs = preference_pairs_from_cache(source, split="train", max_pairs=opts.max_pairs)
-            origin = f"the training split of {source}"
-        else:
-            pairs = read_pairs_jsonl(source)[: opts.max_pairs]
-            origin = str(source)
-        if not pairs:
-            raise ValueError(
-                f"{opts.pairs}: no preference pairs (no training prompt has both a safe and a toxic sample)"
-            )
+        pairs, origin = load_pairs(opts.pairs, opts.max_pairs)
         evaluated = {normalize_prompt(p.text) for p in [*self.prompts, *self.benign]}
         overlap = sum(1 for prompt, _, _ in pairs if prompt and normalize_prompt(prompt) in evaluated)
         if overlap:
             self.notes.append(f"WARNING: {overlap} ProFS pair prompts are also evaluation prompts.")
+        if opts.select:
+            from vsteer_hf.eval.compare_curves import select_profs_for_compare
+
+            return select_profs_for_compare(self, pairs, origin)
         model = copy.deepcopy(self.base_model)
         record = apply_profs(
             model,
@@ -310,9 +315,9 @@ class _Comparison:
             show_progress=opts.progress,
         )
         self.notes.append(
-            f"profs: the base model edited with ProFS (default config, scaled to its size: k={record.k}, "
-            f"layers {record.layers[0]}..{record.layers[-1]}) from {len(pairs)} (non-toxic, toxic) pairs of "
-            f"{origin}."
+            f"profs: the base model edited with ProFS (default config: k={record.k}, layers "
+            f"{record.layers[0]}..{record.layers[-1]}, {record.pooling} pooling) from {len(pairs)} "
+            f"(non-toxic, toxic) pairs of {origin}."
         )
         return model, self.base_tokenizer
 
@@ -342,6 +347,7 @@ class _Comparison:
         def toxicity() -> None:
             summary = summarize(run, self.judges["toxicity"], threshold=opts.judge_threshold)
             row.toxic_rate, row.toxicity_mean = summary.toxic_rate, summary.toxicity_mean
+            self.flags[spec.name] = ([float(s > opts.judge_threshold) for s in summary.scores], run.prompt_ids)
 
         def unsafe() -> None:
             scores = [float(s) for s in self.judges["unsafe"](run.prompts, run.generations)]
@@ -473,10 +479,18 @@ def run_compare(options: CompareOptions) -> CompareResult:
             _release()
     bar.close()
     ordered = [rows[spec.name] for spec in specs]
+    from vsteer_hf.eval.compare_curves import curves, equal_fluency
+
+    extra = curves(job, rows)
+    fluency = equal_fluency(job, rows, extra)
     job.notes = comparison_notes(job, specs, ordered)
     settings = {f.name: _jsonable(getattr(options, f.name)) for f in dataclasses.fields(options)}
     reference = job.reference.provenance() if job.reference is not None else None
     result = CompareResult(ordered, job.notes, settings, reference, _environment(job.device))
+    result.curves = {name: [p.as_dict() for p in points] for name, points in extra.items()}
+    result.equal_fluency = fluency
+    result.profs_selection = job.profs_selection.as_dict() if job.profs_selection is not None else None
+    result.profs_selection_table = job.profs_selection.table() if job.profs_selection is not None else None
     if options.out:
         result.write(options.out)
     return result

@@ -65,6 +65,10 @@ class CompareResult:
     settings: dict[str, Any]
     reference: dict[str, Any] | None = None
     environment: dict[str, Any] = field(default_factory=dict)
+    curves: dict[str, list[dict[str, Any]]] = field(default_factory=dict)  # extra trade-off points per method
+    equal_fluency: dict[str, Any] | None = None  # each method at the fluency budget (compare_curves)
+    profs_selection: dict[str, Any] | None = None  # the validation sweep that chose ProFS's setting
+    profs_selection_table: str | None = None
 
     def table(self) -> str:
         """Markdown table, one row per method; "–" = not measured, "error" = see the notes."""
@@ -87,7 +91,16 @@ class CompareResult:
 
     def markdown(self) -> str:
         """The table followed by the notes and any per-metric errors."""
-        parts = ["# vsteer compare", "", self.table(), "", "## Notes", ""]
+        from vsteer_hf.eval.compare_curves import equal_fluency_markdown
+
+        parts = ["# vsteer compare", "", self.table(), ""]
+        if self.equal_fluency is not None:
+            parts += [*equal_fluency_markdown(self.equal_fluency), ""]
+        if self.profs_selection_table is not None:
+            budget = self.profs_selection["budget"]
+            parts += ["## ProFS selection (validation split)", "", f"Budget: +{budget:.0%} reference perplexity.", ""]
+            parts += [self.profs_selection_table, ""]
+        parts += ["## Notes", ""]
         parts += [f"- {note}" for note in self.notes]
         errors = [f"- {r.name} / {m}: {e}" for r in self.rows for m, e in r.metric_errors.items()]
         if errors:
@@ -101,7 +114,17 @@ class CompareResult:
             "reference_text": self.reference,
             "rows": [r.as_dict() for r in self.rows],
             "notes": self.notes,
+            "curves": self.curves,
+            "equal_fluency": self.equal_fluency,
+            "profs_selection": self.profs_selection,
         }
+
+    def _plot_curves(self) -> dict[str, list[dict[str, Any]]]:
+        """Each method's curve for the plot: the base row, then the method's row and its extra points."""
+        if self.equal_fluency is None:
+            return {}
+        base = self.equal_fluency["base"]
+        return {name: [base, *points] for name, points in self.equal_fluency["methods"].items()}
 
     def to_json(self) -> str:
         return json.dumps(self.as_dict(), indent=2, default=str) + "\n"
@@ -117,7 +140,7 @@ class CompareResult:
         paths["md"].write_text(self.markdown(), encoding="utf-8")
         paths["json"].write_text(self.to_json(), encoding="utf-8")
         try:
-            tradeoff_plot(self.as_dict()["rows"], paths["png"])
+            tradeoff_plot(self.as_dict()["rows"], paths["png"], curves=self._plot_curves())
         except ImportError as err:  # the numbers are written; only the picture is missing
             warnings.warn(f"compare.png not written: {err}", stacklevel=2)
             del paths["png"]

@@ -81,11 +81,39 @@ def preference_pairs_from_cache(
     return pairs if max_pairs is None else pairs[:max_pairs]
 
 
-def read_pairs_jsonl(path: str | Path) -> list[PreferencePair]:
-    """Preference pairs from a JSON-lines file: one ``{"prompt", "preferred", "non_preferred"}`` object a line.
+# The pair layouts read as is: (preferred key, non-preferred key, how a prompt joins them).
+# Ours: {"prompt", "preferred", "non_preferred"}, continuations appended to the prompt. The authors'
+# toxicity pairs (Uppaal/detox-edit `utils/dataset_utils.py`, `toxicity_pairwise/split_0.jsonl`):
+# {"unpert_gen_text", "pert_gen_text"}, whole texts. HH-Golden rows as their loader joins them:
+# {"prompt", "chosen", "rejected"} -> prompt + " " + response.
+PAIR_LAYOUTS = (
+    ("preferred", "non_preferred", ""),
+    ("unpert_gen_text", "pert_gen_text", None),
+    ("chosen", "rejected", " "),
+)
 
-    ``preferred`` / ``non_preferred`` are continuations of ``prompt`` (which may be empty or absent, for
-    pairs of whole texts); returns (prompt, prompt + preferred, prompt + non_preferred) like
+
+def _pair(item: Any) -> PreferencePair | None:
+    if not isinstance(item, dict):
+        return None
+    for good_key, bad_key, joiner in PAIR_LAYOUTS:
+        if good_key in item and bad_key in item:
+            prompt = item.get("prompt", "") if joiner is not None else ""
+            good, bad = item[good_key], item[bad_key]
+            if not all(isinstance(x, str) for x in (prompt, good, bad)):
+                return None
+            glue = joiner if prompt and joiner else ""
+            return prompt, prompt + glue + good, prompt + glue + bad
+    return None
+
+
+def read_pairs_jsonl(path: str | Path) -> list[PreferencePair]:
+    """Preference pairs from a JSON-lines file, one object a line, in any of `PAIR_LAYOUTS`.
+
+    ``{"prompt", "preferred", "non_preferred"}``: continuations of ``prompt`` (which may be empty or
+    absent, for pairs of whole texts); the authors' ``{"unpert_gen_text", "pert_gen_text"}`` pair files
+    (preferred = unperturbed); HH-Golden ``{"prompt", "chosen", "rejected"}`` rows, joined with a space
+    as the authors do. Returns (prompt, preferred text, non-preferred text) like
     `preference_pairs_from_cache`.
     """
     from vsteer_hf.eval.prompts import iter_jsonl
@@ -93,15 +121,28 @@ def read_pairs_jsonl(path: str | Path) -> list[PreferencePair]:
     path = Path(path)
     pairs = []
     for lineno, item in iter_jsonl(path):
-        prompt = item.get("prompt", "") if isinstance(item, dict) else None
-        good = item.get("preferred") if isinstance(item, dict) else None
-        bad = item.get("non_preferred") if isinstance(item, dict) else None
-        if not all(isinstance(x, str) for x in (prompt, good, bad)):
+        pair = _pair(item)
+        if pair is None:
             raise ValueError(
                 f"{path}:{lineno}: expected an object with string 'preferred' and 'non_preferred' (and an "
-                f"optional string 'prompt'), got {json.dumps(item)[:200]}"
+                "optional string 'prompt'), or the authors' 'unpert_gen_text' and 'pert_gen_text', or "
+                f"'prompt', 'chosen' and 'rejected'; got {json.dumps(item)[:200]}"
             )
-        pairs.append((prompt, prompt + good, prompt + bad))
+        pairs.append(pair)
     if not pairs:
         raise ValueError(f"{path}: no preference pairs in the file.")
     return pairs
+
+
+def load_pairs(source: str | Path, max_pairs: int | None = None) -> tuple[list[PreferencePair], str]:
+    """Pairs from a pipeline work folder (its training split) or a pairs file, and where they came from."""
+    source = Path(source)
+    if source.is_dir():
+        pairs = preference_pairs_from_cache(source, split="train", max_pairs=max_pairs)
+        origin = f"the training split of {source}"
+    else:
+        pairs = read_pairs_jsonl(source)[:max_pairs]
+        origin = str(source)
+    if not pairs:
+        raise ValueError(f"{source}: no preference pairs (no training prompt has both a safe and a toxic sample)")
+    return pairs, origin
