@@ -334,8 +334,16 @@ def test_head_filename_reaches_the_loader_and_the_note_rounds_the_threshold(file
     head_filename; without it the folder has no default file and the vfd row reports that."""
     folder = tmp_path / "published"
     make_head(32, scale=4.0).export_plugin_checkpoint(folder / "mistral" / "hh-rlhf.bin")
-    options = _options(files, model_dir, ["vfd"], head=str(folder), head_filename="mistral/hh-rlhf.bin",
-                       threshold=0.123456789, overrefusal_limit=0, reference_tokens=0)
+    options = _options(
+        files,
+        model_dir,
+        ["vfd"],
+        head=str(folder),
+        head_filename="mistral/hh-rlhf.bin",
+        threshold=0.123456789,
+        overrefusal_limit=0,
+        reference_tokens=0,
+    )
     result = run_compare(options)
     assert result.rows[0].error is None, result.rows[0].error
     assert any("at threshold 0.1235 " in note for note in result.notes)
@@ -372,7 +380,10 @@ def test_compare_select_chooses_profs_on_validation_and_draws_curves(files, mode
     sel = result.profs_selection
     assert sel["budget"] == 10.0 and len(sel["sweep"]) == 4
     assert {(tuple(p["setting"]["layers"]), p["setting"]["k"]) for p in sel["sweep"]} == {
-        ((0, 1), 1), ((0, 1), 2), ((1,), 1), ((1,), 2)
+        ((0, 1), 1),
+        ((0, 1), 2),
+        ((1,), 1),
+        ((1,), 2),
     }
     chosen = sel["chosen"]
     best = min(p["toxic_rate"]["value"] for p in sel["sweep"])
