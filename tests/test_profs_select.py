@@ -31,8 +31,14 @@ def test_layer_ranges():
     for bad in ("28-14", "a-b", ""):
         with pytest.raises(ValueError, match=r"layer range|no layer ranges"):
             parse_layer_ranges(bad)
-    assert default_layer_ranges(30, "llama") == [list(range(14, 29)), list(range(14, 30)), list(range(21, 29))]
-    assert default_layer_ranges(24, "gpt2") == [list(range(10, 24)), list(range(17, 24))]  # theirs includes 23
+    assert default_layer_ranges(30, "llama") == [
+        list(range(14, 29)),
+        list(range(14, 30)),
+        list(range(21, 29)),
+        list(range(25, 29)),
+    ]
+    # the authors' GPT-2 medium range already ends at the last layer
+    assert default_layer_ranges(24, "gpt2") == [list(range(10, 24)), list(range(17, 24)), list(range(20, 24))]
 
 
 def test_cli_profs_sweep_saves_the_chosen_edit_with_its_sweep(model_dir, tmp_path, capsys):
