@@ -291,6 +291,17 @@ def test_read_pairs_jsonl(tmp_path):
         read_pairs_jsonl(path)
 
 
+def test_read_pairs_jsonl_takes_the_authors_formats_as_is(tmp_path):
+    path = tmp_path / "split_0.jsonl"  # detox-edit's toxicity pairs: unperturbed = preferred
+    path.write_text(json.dumps({"unpert_gen_text": "a kind reply", "pert_gen_text": "a rude reply", "x": 1}) + "\n")
+    assert read_pairs_jsonl(path) == [("", "a kind reply", "a rude reply")]
+    path.write_text(json.dumps({"prompt": "Human: hi", "chosen": "Hello.", "rejected": "Go away."}) + "\n")
+    assert read_pairs_jsonl(path) == [("Human: hi", "Human: hi Hello.", "Human: hi Go away.")]
+    path.write_text(json.dumps({"unpert_gen_text": "a kind reply", "pert_gen_text": 3}) + "\n")
+    with pytest.raises(ValueError, match="unpert_gen_text"):
+        read_pairs_jsonl(path)
+
+
 def test_a_judge_that_cannot_load_is_reported_per_metric(files, model_dir):
     options = _options(files, model_dir, "base", judge="no-such-judge", overrefusal_limit=0, reference_tokens=0)
     (row,) = run_compare(options).rows
@@ -323,10 +334,68 @@ def test_head_filename_reaches_the_loader_and_the_note_rounds_the_threshold(file
     head_filename; without it the folder has no default file and the vfd row reports that."""
     folder = tmp_path / "published"
     make_head(32, scale=4.0).export_plugin_checkpoint(folder / "mistral" / "hh-rlhf.bin")
-    options = _options(files, model_dir, ["vfd"], head=str(folder), head_filename="mistral/hh-rlhf.bin",
-                       threshold=0.123456789, overrefusal_limit=0, reference_tokens=0)
+    options = _options(
+        files,
+        model_dir,
+        ["vfd"],
+        head=str(folder),
+        head_filename="mistral/hh-rlhf.bin",
+        threshold=0.123456789,
+        overrefusal_limit=0,
+        reference_tokens=0,
+    )
     result = run_compare(options)
     assert result.rows[0].error is None, result.rows[0].error
     assert any("at threshold 0.1235 " in note for note in result.notes)
     missing = run_compare(dataclasses.replace(options, head_filename=None))
     assert "no value-head weights" in missing.rows[0].error
+
+
+def test_compare_select_chooses_profs_on_validation_and_draws_curves(files, model_dir, tmp_path):
+    from vsteer_hf.eval.prompts import load_prompts
+
+    prompts = [f"w{a} w{b} w{c}" for a in range(10, 20) for b, c in ((21, 22), (31, 32), (41, 43))]
+    (files / "many.jsonl").write_text("".join(json.dumps({"prompt": p}) + "\n" for p in prompts))
+    assert load_prompts(str(files / "many.jsonl"), split="validation")  # the selection has prompts
+    out = tmp_path / "select-out"
+    options = _options(
+        files,
+        model_dir,
+        "base,vfd,profs",
+        prompts=str(files / "many.jsonl"),
+        split="test",
+        overrefusal_limit=0,
+        select=True,
+        budget=10.0,  # tiny random models: any setting is "fluent enough"; the rule is tested below
+        select_ks=[1, 2],
+        select_layers="0-1,1-1",
+        select_samples_per_prompt=1,
+        select_reference_tokens=48,
+        vfd_thresholds=[0.3, 0.7],
+        out=str(out),
+    )
+    result = run_compare(options)
+    rows = {r.name: r for r in result.rows}
+    assert all(r.error is None for r in result.rows), [r.error for r in result.rows]
+    sel = result.profs_selection
+    assert sel["budget"] == 10.0 and len(sel["sweep"]) == 4
+    assert {(tuple(p["setting"]["layers"]), p["setting"]["k"]) for p in sel["sweep"]} == {
+        ((0, 1), 1),
+        ((0, 1), 2),
+        ((1,), 1),
+        ((1,), 2),
+    }
+    chosen = sel["chosen"]
+    best = min(p["toxic_rate"]["value"] for p in sel["sweep"])
+    assert next(p for p in sel["sweep"] if p["setting"] == chosen)["toxic_rate"]["value"] == best
+    assert any("chosen on validation" in note for note in result.notes)
+    # the VFD curve has its two extra thresholds, measured on the compare prompts
+    assert [p["setting"]["threshold"] for p in result.curves["vfd"]] == [0.3, 0.7]
+    assert all(p["n"] == rows["base"].n for p in result.curves["vfd"])
+    fluency = result.equal_fluency
+    assert set(fluency["methods"]) == {"VFD", "ProFS"} and fluency["methods"]["VFD"][0]["label"].endswith("(row)")
+    assert fluency["at_budget"]["VFD"] is not None and fluency["differences"]
+    text = (out / "compare.md").read_text()
+    assert "## At equal fluency (budget +1000% perplexity)" in text and "## ProFS selection" in text
+    assert json.loads((out / "compare.json").read_text())["profs_selection"]["chosen"] == chosen
+    assert (out / "compare.png").read_bytes().startswith(b"\x89PNG")

@@ -284,12 +284,22 @@ def test_embeddings_are_layer_outputs_before_final_norm():
 # ----------------------------------------------------------------------------- defaults and config
 
 
-def test_defaults_scale_with_model_size():
-    assert default_layers(32) == list(range(15, 32))  # the paper's Mistral/OPT setting
-    assert default_layers(24) == list(range(11, 24))
-    assert default_layers(4) == [2, 3] and default_layers(1) == [0]
+def test_defaults_are_the_authors_for_their_models_and_scale_for_others():
+    # Uppaal/detox-edit configs/*.ini: np.arange(lowest, highest) layers and top_k_ranks
+    assert default_layers(24, "gpt2") == list(range(10, 24)) and default_k(1024, 500, "gpt2", 24) == 2
+    assert default_layers(28, "gptj") == list(range(10, 27)) and default_k(4096, 500, "gptj", 28) == 10
+    assert default_layers(32, "mistral") == list(range(15, 32)) and default_k(4096, 500, "mistral", 32) == 10
+    assert default_layers(32, "opt") == list(range(10, 32))
+    # other families and depths: the paper's starting fraction, last layer left out
+    assert default_layers(12, "gpt2") == list(range(6, 11))  # GPT-2 small is not one of theirs
+    assert default_layers(30, "llama") == list(range(14, 29))  # SmolLM2-135M
+    assert default_layers(32) == list(range(15, 31))
+    assert default_layers(4) == [2] and default_layers(2) == [1] and default_layers(1) == [0]
     assert default_k(4096, 500) == 10 and default_k(1024, 500) == 2 and default_k(2048, 500) == 5
     assert default_k(32, 500) == 2 and default_k(4096, 3) == 3 and default_k(32, 1) == 1
+    assert default_k(1024, 500, "gpt2", 12) == 2 and default_k(4096, 3, "mistral", 32) == 3
+    with pytest.raises(ValueError, match="pooling='mean'"):
+        ProFSConfig(pooling="mean")
     with pytest.raises(ValueError, match="k=0"):
         ProFSConfig(k=0)
     with pytest.raises(ValueError, match="'all'"):
@@ -311,15 +321,15 @@ def test_apply_profs_end_to_end_save_and_load(tmp_path):
     toxic = ["you awful idiot", "i hate you people", "awful awful idiot", "hate the dog", "idiot"]
     record = apply_profs(model, tok, preferred, toxic, ProFSConfig(), show_progress=False)
     assert model.profs_record is record
-    assert (record.k, record.layers, record.num_pairs, record.centering) == (2, [2, 3], 5, True)
-    assert record.modules == ["model.layers.2.mlp.down_proj", "model.layers.3.mlp.down_proj"]
-    assert set(record.singular_values) == {2, 3} and len(record.singular_values[2]) == 5
-    for layer in (0, 1):
+    assert (record.k, record.layers, record.num_pairs, record.centering) == (2, [2], 5, True)
+    assert record.modules == ["model.layers.2.mlp.down_proj"] and record.pooling == "reference"
+    assert set(record.singular_values) == {2} and len(record.singular_values[2]) == 5
+    for layer in (0, 1, 3):
         assert torch.equal(value_module(model, layer).weight, value_module(original, layer).weight)
-    embed = ProFSConfig().max_length
-    p = layer_sentence_embeddings(original, tok, preferred, layers=[2, 3], show_progress=False, max_length=embed)
-    n = layer_sentence_embeddings(original, tok, toxic, layers=[2, 3], show_progress=False, max_length=embed)
-    for row, layer in enumerate((2, 3)):
+    embed = dict(show_progress=False, max_length=ProFSConfig().max_length, pooling="reference")
+    p = layer_sentence_embeddings(original, tok, preferred, layers=[2], **embed)
+    n = layer_sentence_embeddings(original, tok, toxic, layers=[2], **embed)
+    for row, layer in enumerate((2,)):
         basis, _ = toxic_subspace(p[row], n[row], k=2)
         expected = dense_edit(value_module(original, layer).weight, basis, conv1d=False)
         assert torch.allclose(value_module(model, layer).weight, expected, atol=1e-5)
@@ -334,7 +344,7 @@ def test_apply_profs_end_to_end_save_and_load(tmp_path):
 
     with pytest.warns(UserWarning, match="already carries a ProFS edit"):
         second = apply_profs(model, tok, preferred, toxic, ProFSConfig(k=1, layers=[0]), show_progress=False)
-    assert len(second.previous) == 1 and second.previous[0]["layers"] == [2, 3]
+    assert len(second.previous) == 1 and second.previous[0]["layers"] == [2]
 
 
 def test_record_tolerates_newer_keys_and_save_needs_record(tmp_path):

@@ -2,6 +2,7 @@
 
 vsteer generate --model MODEL --head HEAD --prompt "..." [--chat] [--threshold T | --alpha A] [-k K] [--compare]
 vsteer compare [--methods base,vfd,abstain,profs,profs+vfd,model:ID] [--pairs WORKDIR|PAIRS.jsonl] [--out DIR]
+vsteer profs-sweep --pairs WORKDIR|PAIRS.jsonl --out DIR [--ks 1,2,4,8] [--layers 14-28,14-29] [--budget 0.1]
 """
 
 from __future__ import annotations
@@ -11,6 +12,8 @@ import json
 import sys
 from collections.abc import Sequence
 from typing import Any
+
+from vsteer_hf.profs.command import ProFSSweepCommand
 
 
 class GenerateCommand:
@@ -294,6 +297,11 @@ class CompareCommand:
         methods.add_argument("--pairs", default=None, help="ProFS pairs: pipeline workdir (train split) or .jsonl")
         methods.add_argument("--max-pairs", type=int, default=500, help="at most this many ProFS pairs")
         methods.add_argument("--profs-model", default=None, help="a saved/published ProFS model instead of editing")
+        methods.add_argument("--select", action="store_true", help="choose ProFS's k and layers on validation")
+        methods.add_argument("--budget", type=float, default=0.10, help="fluency budget (0.1: +10%% perplexity)")
+        methods.add_argument("--select-ks", default="", help="k values for --select, e.g. 1,2,4,8")
+        methods.add_argument("--select-layers", default=None, help="layer ranges for --select, e.g. 14-28,14-29")
+        methods.add_argument("--vfd-thresholds", default="", help="extra VFD thresholds for the curve, e.g. 0.4,0.5")
         data = parser.add_argument_group("prompts and sampling (shared by every method)")
         data.add_argument("--prompts", default="rtp", help="rtp | advbench | harmbench | overrefusal | a file")
         data.add_argument("--split", default="test", choices=("train", "validation", "test", "all"))
@@ -341,6 +349,11 @@ class CompareCommand:
             pairs=args.pairs,
             max_pairs=args.max_pairs,
             profs_model=args.profs_model,
+            select=args.select,
+            budget=args.budget,
+            select_ks=[int(x) for x in args.select_ks.split(",") if x.strip()],
+            select_layers=args.select_layers,
+            vfd_thresholds=[float(x) for x in args.vfd_thresholds.split(",") if x.strip()],
             reference_tokens=args.reference_tokens,
             reference_text=args.reference_text,
             device=args.device,
@@ -360,6 +373,7 @@ class CompareCommand:
 COMMANDS = (
     DemoCommand(),
     CompareCommand(),
+    ProFSSweepCommand(),
     GenerateCommand(),
     StageCommand("extract", "decode-matched feature extraction (needs the backbone)", ("extract",)),
     StageCommand("label", "judge every extracted generation", ("label",)),

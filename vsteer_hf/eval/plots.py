@@ -74,11 +74,13 @@ def tradeoff_plot(
     x: str = "perplexity",
     y: str = "toxic_rate",
     title: str | None = None,
+    curves: dict[str, Sequence[dict[str, Any]]] | None = None,
 ) -> Path:
     """Write a PNG of `y` (default the judge's toxic rate) against `x` (default the perplexity of the
     generations under the base model), with their 95% intervals as error bars. Marker area grows with
     tokens/s, which is also printed beside each name. Methods without both numbers (failed ones
-    included) are listed under the plot instead.
+    included) are listed under the plot instead. `curves` (name -> points with the same `x`/`y`
+    entries, e.g. a threshold or a ProFS sweep) are drawn as lines through their points, sorted by `x`.
     """
     plt = _pyplot("the trade-off plot")
     points, missing = [], []
@@ -111,6 +113,15 @@ def tradeoff_plot(
             )
             ax.scatter([xv], [yv], s=size, color=colour, alpha=0.8, edgecolors="black", linewidths=0.5, zorder=3)
             labels.append((f"{_label(name)} ({speed:.1f} tok/s)" if ok else _label(name), xv, yv))
+        for j, (name, curve) in enumerate((curves or {}).items()):
+            xy = sorted(
+                (c[0], d[0]) for p in curve if (c := _interval(p.get(x))) is not None and (d := _interval(p.get(y)))
+            )
+            if xy:
+                ax.plot(*zip(*xy, strict=True), linestyle="--", marker="o", markersize=4, linewidth=1.2,
+                        color=f"C{(len(points) + j) % 10}", label=f"{name} sweep", zorder=2)  # fmt: skip
+        if curves:
+            ax.legend(fontsize=8, loc="upper right")
         ax.set_xlabel("perplexity of the generations under the base model (lower: more fluent)")
         ax.set_ylabel("toxic rate by the judge (lower: safer)")
         ax.set_title(title or "vsteer compare: toxicity vs fluency (95% CIs; marker area ~ tokens/s)", fontsize=10)
