@@ -151,7 +151,15 @@ class _NaNAfter(ValueHead):
         return out if self.calls <= self.good else torch.full_like(out, float("nan"))
 
 
-def test_nan_risk_names_the_step_and_commits_nothing():
+@pytest.mark.parametrize(
+    ("path", "bias", "good", "failing_step"),
+    [
+        ("tree", 0.0, 2, 2),  # one head call per step: steps 0 and 1 commit, step 2 is NaN
+        ("lazy", -50.0, 2, 2),  # candidate 0 always safe: one call per step as well
+        ("lazy", 50.0, 3, 1),  # always flagged: two calls per step, the NaN comes in step 1's alternatives
+    ],
+)
+def test_nan_risk_names_the_step_and_commits_nothing(path, bias, good, failing_step):
     from transformers.generation.streamers import BaseStreamer
 
     class Record(BaseStreamer):
@@ -165,12 +173,21 @@ def test_nan_risk_names_the_step_and_commits_nothing():
             pass
 
     model = steered()
-    head = _NaNAfter(32, good=2)
+    head = _NaNAfter(32, good=good)
+    with torch.no_grad():
+        head[4].bias.fill_(bias)
     streamer = Record()
     prompt = torch.tensor([[5, 6, 7]])
-    with pytest.raises(FloatingPointError, match="NaN or infinite risk at generation step 2; refusing to commit"):
-        model.generate(prompt, min_new_tokens=6, max_new_tokens=6, value_steer=cfg(head), streamer=streamer)
-    assert len(streamer.tokens) == 3 + 2, "a token was committed on a NaN risk"
+    message = f"NaN or infinite risk at generation step {failing_step}; refusing to commit"
+    with pytest.raises(FloatingPointError, match=message):
+        model.generate(
+            prompt,
+            min_new_tokens=6,
+            max_new_tokens=6,
+            value_steer=cfg(head, candidate_forward=path),
+            streamer=streamer,
+        )
+    assert len(streamer.tokens) == 3 + failing_step, "a token was committed on a NaN risk"
 
 
 def test_nan_risk_on_the_prompt_state_stops_abstention_before_the_first_token():
