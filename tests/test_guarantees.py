@@ -378,9 +378,7 @@ def test_two_threads_with_their_own_abstention_processors_on_one_model():
 
     def run(threshold):
         with ValueAbstentionProcessor(model, head, threshold) as proc:
-            out = model.generate(
-                ids, attention_mask=mask, do_sample=False, max_new_tokens=8, logits_processor=[proc]
-            )
+            out = model.generate(ids, attention_mask=mask, do_sample=False, max_new_tokens=8, logits_processor=[proc])
             return out, proc.abstained.clone()
 
     alone = {t: run(t) for t in (0.3, 0.7)}
@@ -434,3 +432,77 @@ def test_a_thousand_steered_calls_do_not_grow_memory():
     gc.collect()
     after = _rss_bytes()
     assert after <= warm * 1.05, f"RSS grew from {warm / 2**20:.1f} MiB to {after / 2**20:.1f} MiB over 900 calls"
+
+
+# --------------------------------------------------------------------------- caches: limits and restoring
+def test_a_static_sliding_window_that_would_roll_is_refused_before_the_first_token():
+    from transformers.generation.streamers import BaseStreamer
+
+    class Count(BaseStreamer):
+        def __init__(self):
+            self.puts = 0
+
+        def put(self, value):
+            self.puts += 1
+
+        def end(self):
+            pass
+
+    model = enable_value_steer(tiny_model("mistral", sliding_window=8))
+    ids, mask = batch_inputs(2)  # 6 tokens
+    streamer = Count()
+    with pytest.raises(ValueError, match=r"sliding-window layers of 8 slots, but prompt plus max_new_tokens needs 12"):
+        model.generate(
+            ids[:1],
+            attention_mask=mask[:1],
+            max_new_tokens=6,
+            cache_implementation="static",
+            value_steer=cfg(make_head(32)),
+            streamer=streamer,
+        )
+    assert streamer.puts == 1, "only the prompt may reach the streamer: refuse before the first token"
+    out = model.generate(  # within the window: runs, and the cache can be handed back
+        ids,
+        attention_mask=mask,
+        max_new_tokens=2,
+        cache_implementation="static",
+        value_steer=cfg(make_head(32)),
+        return_dict_in_generate=True,
+    )
+    assert int(out.past_key_values.get_seq_length()) == out.sequences.shape[1] - 1
+
+
+@pytest.mark.parametrize("path", ["tree", "expand", "lazy"])
+@pytest.mark.parametrize("static", [False, True])
+def test_a_callers_cache_is_restored_when_generation_raises(path, static):
+    from transformers import DynamicCache, StaticCache
+
+    model = steered()
+    ids, mask = batch_inputs(2)
+    cache = StaticCache(config=model.config, max_cache_len=32) if static else DynamicCache(config=model.config)
+    pos = (mask.cumsum(-1) - 1).clamp(min=0)
+    with torch.no_grad():
+        model(input_ids=ids[:, :-1], attention_mask=mask[:, :-1], position_ids=pos[:, :-1], past_key_values=cache)
+    before = [(layer.keys.clone(), layer.values.clone()) for layer in cache.layers]
+    length = int(cache.get_seq_length())
+    head = _NaNAfter(32, good=3)
+    with torch.no_grad():
+        head[4].bias.fill_(50.0)  # every row flagged: the lazy path forwards alternatives too
+    with pytest.raises(FloatingPointError):
+        model.generate(
+            ids,
+            attention_mask=mask,
+            past_key_values=cache,
+            min_new_tokens=6,
+            max_new_tokens=6,
+            value_steer=cfg(head, num_candidates=4, candidate_forward=path),
+        )
+    assert int(cache.get_seq_length()) == length
+    for layer, (keys, values) in zip(cache.layers, before, strict=True):
+        assert layer.keys.shape == keys.shape
+        torch.testing.assert_close(layer.keys[:, :, :length], keys[:, :, :length], rtol=0, atol=0)
+        torch.testing.assert_close(layer.values[:, :, :length], values[:, :, :length], rtol=0, atol=0)
+    # and it still continues exactly like a fresh run
+    resumed = model.generate(ids, attention_mask=mask, past_key_values=cache, max_new_tokens=3, do_sample=False)
+    fresh = model.generate(ids, attention_mask=mask, max_new_tokens=3, do_sample=False)
+    assert torch.equal(resumed, fresh)
