@@ -86,10 +86,8 @@ def time_method(
     vocab = MODEL_CONFIG["vocab_size"]
 
     def batch() -> list[Any]:  # fresh prompts every run, so no run reads another's prefix cache
-        return [
-            TokensPrompt(prompt_token_ids=[1, *torch.randint(3, vocab, (args.prompt - 1,), generator=g).tolist()])
-            for _ in range(args.batch)
-        ]
+        return [TokensPrompt(prompt_token_ids=[1, *torch.randint(3, vocab, (args.prompt - 1,), generator=g).tolist()])
+                for _ in range(args.batch)]
 
     params = SamplingParams(temperature=0.0, max_tokens=args.new_tokens)
 
