@@ -44,7 +44,7 @@ def _assert_same_as_plain(model, ids, mask, steer, sample, **kw):
 @pytest.mark.parametrize("family", FAMILIES)
 @pytest.mark.parametrize("attn", ["sdpa", "eager"])
 @pytest.mark.parametrize("sample", [False, True])
-@pytest.mark.parametrize("path", ["tree", "expand"])
+@pytest.mark.parametrize("path", ["tree", "expand", "lazy"])
 def test_never_intervening_head_reproduces_generate_across_models(family, attn, sample, path):
     model = enable_value_steer(tiny_model(family, attn))
     head = make_head(model.config.get_text_config().hidden_size, bias=-50.0)
@@ -56,7 +56,7 @@ def test_never_intervening_head_reproduces_generate_across_models(family, attn, 
 @pytest.mark.parametrize("k", [1, 8])
 @pytest.mark.parametrize("batch", [1, 3])
 @pytest.mark.parametrize("static", [False, True])
-@pytest.mark.parametrize("path", ["tree", "expand"])
+@pytest.mark.parametrize("path", ["tree", "expand", "lazy"])
 @pytest.mark.parametrize("sample", [False, True])
 def test_never_intervening_head_reproduces_generate_settings(k, batch, static, path, sample):
     model = enable_value_steer(tiny_model("llama"))
@@ -99,7 +99,7 @@ def _reference_vfd(model, head, ids, mask, k, threshold, steps, sample, seed):
 
 
 @pytest.mark.parametrize("family", ["llama", "gpt2"])
-@pytest.mark.parametrize("path", ["tree", "expand"])
+@pytest.mark.parametrize("path", ["tree", "expand", "lazy"])
 @pytest.mark.parametrize("sample", [False, True])
 def test_intervening_head_matches_brute_force_reference(family, path, sample):
     model = enable_value_steer(tiny_model(family))

@@ -151,7 +151,15 @@ class _NaNAfter(ValueHead):
         return out if self.calls <= self.good else torch.full_like(out, float("nan"))
 
 
-def test_nan_risk_names_the_step_and_commits_nothing():
+@pytest.mark.parametrize(
+    ("path", "bias", "good", "failing_step"),
+    [
+        ("tree", 0.0, 2, 2),  # one head call per step: steps 0 and 1 commit, step 2 is NaN
+        ("lazy", -50.0, 2, 2),  # candidate 0 always safe: one call per step as well
+        ("lazy", 50.0, 3, 1),  # always flagged: two calls per step, the NaN comes in step 1's alternatives
+    ],
+)
+def test_nan_risk_names_the_step_and_commits_nothing(path, bias, good, failing_step):
     from transformers.generation.streamers import BaseStreamer
 
     class Record(BaseStreamer):
@@ -165,12 +173,21 @@ def test_nan_risk_names_the_step_and_commits_nothing():
             pass
 
     model = steered()
-    head = _NaNAfter(32, good=2)
+    head = _NaNAfter(32, good=good)
+    with torch.no_grad():
+        head[4].bias.fill_(bias)
     streamer = Record()
     prompt = torch.tensor([[5, 6, 7]])
-    with pytest.raises(FloatingPointError, match="NaN or infinite risk at generation step 2; refusing to commit"):
-        model.generate(prompt, min_new_tokens=6, max_new_tokens=6, value_steer=cfg(head), streamer=streamer)
-    assert len(streamer.tokens) == 3 + 2, "a token was committed on a NaN risk"
+    message = f"NaN or infinite risk at generation step {failing_step}; refusing to commit"
+    with pytest.raises(FloatingPointError, match=message):
+        model.generate(
+            prompt,
+            min_new_tokens=6,
+            max_new_tokens=6,
+            value_steer=cfg(head, candidate_forward=path),
+            streamer=streamer,
+        )
+    assert len(streamer.tokens) == 3 + failing_step, "a token was committed on a NaN risk"
 
 
 def test_nan_risk_on_the_prompt_state_stops_abstention_before_the_first_token():
@@ -361,9 +378,7 @@ def test_two_threads_with_their_own_abstention_processors_on_one_model():
 
     def run(threshold):
         with ValueAbstentionProcessor(model, head, threshold) as proc:
-            out = model.generate(
-                ids, attention_mask=mask, do_sample=False, max_new_tokens=8, logits_processor=[proc]
-            )
+            out = model.generate(ids, attention_mask=mask, do_sample=False, max_new_tokens=8, logits_processor=[proc])
             return out, proc.abstained.clone()
 
     alone = {t: run(t) for t in (0.3, 0.7)}
@@ -417,3 +432,77 @@ def test_a_thousand_steered_calls_do_not_grow_memory():
     gc.collect()
     after = _rss_bytes()
     assert after <= warm * 1.05, f"RSS grew from {warm / 2**20:.1f} MiB to {after / 2**20:.1f} MiB over 900 calls"
+
+
+# --------------------------------------------------------------------------- caches: limits and restoring
+def test_a_static_sliding_window_that_would_roll_is_refused_before_the_first_token():
+    from transformers.generation.streamers import BaseStreamer
+
+    class Count(BaseStreamer):
+        def __init__(self):
+            self.puts = 0
+
+        def put(self, value):
+            self.puts += 1
+
+        def end(self):
+            pass
+
+    model = enable_value_steer(tiny_model("mistral", sliding_window=8))
+    ids, mask = batch_inputs(2)  # 6 tokens
+    streamer = Count()
+    with pytest.raises(ValueError, match=r"sliding-window layers of 8 slots, but prompt plus max_new_tokens needs 12"):
+        model.generate(
+            ids[:1],
+            attention_mask=mask[:1],
+            max_new_tokens=6,
+            cache_implementation="static",
+            value_steer=cfg(make_head(32)),
+            streamer=streamer,
+        )
+    assert streamer.puts == 1, "only the prompt may reach the streamer: refuse before the first token"
+    out = model.generate(  # within the window: runs, and the cache can be handed back
+        ids,
+        attention_mask=mask,
+        max_new_tokens=2,
+        cache_implementation="static",
+        value_steer=cfg(make_head(32)),
+        return_dict_in_generate=True,
+    )
+    assert int(out.past_key_values.get_seq_length()) == out.sequences.shape[1] - 1
+
+
+@pytest.mark.parametrize("path", ["tree", "expand", "lazy"])
+@pytest.mark.parametrize("static", [False, True])
+def test_a_callers_cache_is_restored_when_generation_raises(path, static):
+    from transformers import DynamicCache, StaticCache
+
+    model = steered()
+    ids, mask = batch_inputs(2)
+    cache = StaticCache(config=model.config, max_cache_len=32) if static else DynamicCache(config=model.config)
+    pos = (mask.cumsum(-1) - 1).clamp(min=0)
+    with torch.no_grad():
+        model(input_ids=ids[:, :-1], attention_mask=mask[:, :-1], position_ids=pos[:, :-1], past_key_values=cache)
+    before = [(layer.keys.clone(), layer.values.clone()) for layer in cache.layers]
+    length = int(cache.get_seq_length())
+    head = _NaNAfter(32, good=3)
+    with torch.no_grad():
+        head[4].bias.fill_(50.0)  # every row flagged: the lazy path forwards alternatives too
+    with pytest.raises(FloatingPointError):
+        model.generate(
+            ids,
+            attention_mask=mask,
+            past_key_values=cache,
+            min_new_tokens=6,
+            max_new_tokens=6,
+            value_steer=cfg(head, num_candidates=4, candidate_forward=path),
+        )
+    assert int(cache.get_seq_length()) == length
+    for layer, (keys, values) in zip(cache.layers, before, strict=True):
+        assert layer.keys.shape == keys.shape
+        torch.testing.assert_close(layer.keys[:, :, :length], keys[:, :, :length], rtol=0, atol=0)
+        torch.testing.assert_close(layer.values[:, :, :length], values[:, :, :length], rtol=0, atol=0)
+    # and it still continues exactly like a fresh run
+    resumed = model.generate(ids, attention_mask=mask, past_key_values=cache, max_new_tokens=3, do_sample=False)
+    fresh = model.generate(ids, attention_mask=mask, max_new_tokens=3, do_sample=False)
+    assert torch.equal(resumed, fresh)

@@ -21,7 +21,7 @@ if TYPE_CHECKING:
     from vsteer_hf.head import ValueHead
 
 MODES = ("vfd", "abstain")
-CANDIDATE_PATHS = ("auto", "tree", "expand")
+CANDIDATE_PATHS = ("auto", "tree", "expand", "lazy")
 DEFAULT_NUM_CANDIDATES = 8
 
 
@@ -44,7 +44,9 @@ class ValueSteerConfig:
     Mechanics:
         num_candidates: K candidate tokens per step (VFD; default 8). Sampled from the warped distribution when
             `do_sample`, else the K most probable tokens.
-        candidate_forward: `auto` (tree where exact, else expand), `tree` or `expand`.
+        candidate_forward: `auto`, `tree`, `expand` or `lazy` (forward candidate 0 only, the others
+            only for rows where it is not safe; `first_safe` without `trace_candidates`). `auto` takes
+            lazy on CPU for VFD with K > 1 under `first_safe`, else tree where exact, else expand.
         trace_candidates: also return every candidate's token and risk per step.
         trace_features: also return the committed tokens' post-norm hidden states (B, T, H), fp32:
             exactly the tensor the head scored (decode-matched training features).
@@ -58,7 +60,7 @@ class ValueSteerConfig:
     rule: Literal["first_safe", "args"] = "first_safe"
     args_weight: float = 1.0
     direction: Literal["above", "below"] | None = None
-    candidate_forward: Literal["auto", "tree", "expand"] = "auto"
+    candidate_forward: Literal["auto", "tree", "expand", "lazy"] = "auto"
     trace_candidates: bool = False
     trace_features: bool = False
     head_filename: str | None = None
@@ -76,6 +78,16 @@ class ValueSteerConfig:
             raise ValueError(f"direction={self.direction!r} is not one of {DIRECTIONS}.")
         if self.candidate_forward not in CANDIDATE_PATHS:
             raise ValueError(f"candidate_forward={self.candidate_forward!r} is not one of {CANDIDATE_PATHS}.")
+        if self.candidate_forward == "lazy" and self.rule != "first_safe":
+            raise ValueError(
+                f"candidate_forward='lazy' needs rule='first_safe' (rule={self.rule!r} weighs every candidate's "
+                "risk); use candidate_forward='auto' or 'tree'."
+            )
+        if self.candidate_forward == "lazy" and self.trace_candidates:
+            raise ValueError(
+                "candidate_forward='lazy' scores the other candidates only where candidate 0 is unsafe, so it "
+                "cannot trace every candidate's risk; drop trace_candidates or use candidate_forward='auto'."
+            )
         if self.threshold is not None and self.alpha is not None:
             raise ValueError("Pass either threshold= or alpha=, not both.")
         if self.threshold is None and self.alpha is None:

@@ -21,6 +21,7 @@ __all__ = [
     "force_eos",
     "gather_selected",
     "intervened",
+    "is_safe",
     "refuse_non_finite",
     "resolve_thresholds",
     "sample_candidates",
@@ -165,10 +166,20 @@ def select_candidates(
         if probs is None:
             raise ValueError("rule='args' needs the candidates' probabilities: pass probs=(B, K) tensor.")
         return (risks - args_weight * probs).argmin(dim=-1)  # (B,)
-    safe = risks < thresholds.unsqueeze(-1)  # (B, K); type promotion compares at the wider dtype
+    safe = is_safe(risks, thresholds.unsqueeze(-1))  # (B, K)
     first_safe = safe.int().argmax(dim=-1)  # (B,) first True (argmax returns the first maximum)
     least_risky = risks.argmin(dim=-1)  # (B,) first minimum
     return torch.where(safe.any(dim=-1), first_safe, least_risky)
+
+
+def is_safe(risks: Tensor, thresholds: Tensor) -> torch.BoolTensor:
+    """Whether a risk is under its row's threshold: the test `first_safe` applies to each candidate.
+
+    Under `first_safe` candidate 0 wins exactly when it is safe, which lets the lazy candidate path
+    forward the other candidates only for the rows where it is not. NaN is never safe; type promotion
+    compares at the wider dtype.
+    """
+    return risks < thresholds
 
 
 def gather_selected(values: Tensor, index: torch.LongTensor) -> Tensor:

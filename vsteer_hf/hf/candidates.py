@@ -1,6 +1,7 @@
 """One transformer forward for the K candidate tokens of every row, and the commit of the winner.
 
-Two ways to forward K candidates against a shared prefix:
+Two eager ways to forward K candidates against a shared prefix (the lazy path in `lazy.py` uses
+them for its flagged rows only):
 - *tree*: the K candidates are K query rows of the same sequence; a 4D mask lets each row see the
   prefix and itself only. The cache grows by K slots, then the winner's slot is moved into place
   and the other K-1 are dropped. Cheapest; needs full-attention cache layers and sdpa/eager.
@@ -23,7 +24,9 @@ from transformers.cache_utils import (
     StaticSlidingWindowLayer,
 )
 
-PATHS = ("auto", "tree", "expand")
+from vsteer_hf.config import CANDIDATE_PATHS
+
+PATHS = CANDIDATE_PATHS
 _TREE_ATTENTION = ("sdpa", "eager")
 
 
@@ -74,11 +77,24 @@ def cache_supports(cache: Cache, path: str) -> str | None:
     return None
 
 
-def choose_path(requested: str, cache: Cache, attn_implementation: str | None, num_candidates: int = 2) -> str:
-    """Resolve `auto` to tree where it is exact, else expand; refuse an explicit path that cannot work.
+def choose_path(
+    requested: str,
+    cache: Cache,
+    attn_implementation: str | None,
+    num_candidates: int = 2,
+    *,
+    rule: str = "first_safe",
+    trace_candidates: bool = False,
+    device_type: str = "cpu",
+) -> str:
+    """Resolve `auto` and refuse an explicit path that cannot work here.
 
-    With one candidate (abstention, K = 1) `auto` takes expand: without copies that is exactly generate's
-    own decode step, 2D mask included, so no 4D mask is built per token.
+    `auto`: `lazy` for VFD with K > 1 under `first_safe` without `trace_candidates` on a CPU (where every
+    candidate row is real matrix work, so forwarding the alternatives only for flagged rows is cheaper; see
+    the README's decode benchmark), else `tree` where it is exact, else `expand`. On other devices `auto`
+    stays eager until a measurement says where lazy wins. With one candidate (abstention, K = 1) every path
+    is generate's own decode step: `expand` without copies, 2D mask included, no 4D mask per token.
+    `lazy` forwards its alternatives with whichever eager path is exact for the cache (see `lazy.py`).
     """
     if requested not in PATHS:
         raise ValueError(f"candidate_forward={requested!r} is not one of {PATHS}.")
@@ -91,17 +107,41 @@ def choose_path(requested: str, cache: Cache, attn_implementation: str | None, n
     if requested == "tree" and tree_problem:
         raise ValueError(f"candidate_forward='tree' cannot run here: {tree_problem}. Use 'expand' or 'auto'.")
     expand_problem = cache_supports(cache, "expand")
-    if requested == "expand" and expand_problem:
-        raise ValueError(f"candidate_forward='expand' cannot run here: {expand_problem}.")
+    if requested in ("expand", "lazy") and expand_problem:
+        raise ValueError(f"candidate_forward={requested!r} cannot run here: {expand_problem}.")
+    if requested == "lazy" and (rule != "first_safe" or trace_candidates):
+        raise ValueError("candidate_forward='lazy' needs rule='first_safe' and no trace_candidates; use 'auto'.")
+    if num_candidates == 1 and requested in ("auto", "lazy") and expand_problem is None:
+        return "expand"  # one candidate: the lazy step is the plain decode step, which expand without copies is
     if requested != "auto":
         return requested
-    if num_candidates == 1 and expand_problem is None:
-        return "expand"
-    if tree_problem is None:
+    if rule == "first_safe" and not trace_candidates and device_type == "cpu" and expand_problem is None:
+        return "lazy"
+    return eager_path(cache, attn_implementation)
+
+
+def eager_path(cache: Cache, attn_implementation: str | None) -> str:
+    """`tree` where it is exact, else `expand`: how `auto` forwards all K candidates of a row (the lazy
+    path forwards its flagged rows' alternatives this way too)."""
+    if cache_supports(cache, "tree") is None and attn_implementation in _TREE_ATTENTION:
         return "tree"
-    if expand_problem is None:
+    problem = cache_supports(cache, "expand")
+    if problem is None:
         return "expand"
-    raise ValueError(f"value steering cannot forward candidates on this cache: {expand_problem}.")
+    raise ValueError(f"value steering cannot forward candidates on this cache: {problem}.")
+
+
+@dataclass
+class StepResult:
+    """What one candidate step committed: the winner's column (B,), post-norm state (B, H) and risk (B,),
+    every candidate's risk (B, K) where the step computed them (eager), and, when asked, the winner's
+    state after every layer (each (B, H))."""
+
+    winner: torch.Tensor
+    hidden: torch.Tensor
+    risk: torch.Tensor
+    risks: torch.Tensor | None = None
+    layer_states: tuple[torch.Tensor, ...] | None = None
 
 
 def _static_length(layer: Any) -> int:
@@ -255,11 +295,8 @@ class CandidateForward:
             if getattr(layer, "keys", None) is None:
                 continue
             if isinstance(layer, StaticSlidingWindowLayer):
-                if layer.cumulative_length_int >= layer.max_cache_len:
-                    raise ValueError(
-                        "value steering filled a static sliding-window cache past its window and cannot hand it "
-                        "back for continuation; use the default dynamic cache with sliding-window models."
-                    )
+                if layer.cumulative_length_int > layer.max_cache_len:  # refused up front (cache_ops)
+                    raise RuntimeError("a static sliding-window cache rolled past its window during value steering")
                 layer.cumulative_length_int -= 1
                 layer.cumulative_length.sub_(1)
             elif isinstance(layer, StaticLayer):

@@ -1,10 +1,12 @@
 """The value-steered decode loop that replaces generate's `_sample` when `value_steer=` is given.
 
-Each step forwards the K candidates of every row in one pass (see `candidates.py`), scores each
-candidate's post-norm hidden state with the value head, commits one per row, and applies the
-output embedding to the winners only: their logits seed the next step, so there is exactly one
-transformer forward per emitted token. Generate's own logits processors, stopping criteria and
-streamer are used unchanged.
+Each step draws K candidates per row, forwards them (eagerly, all K in one pass, see `candidates.py`;
+or lazily, candidate 0 for every row and the others only where it is unsafe, see `lazy.py`), scores
+the post-norm hidden states with the value head, commits one per row, and applies the output
+embedding to the winners only: their logits seed the next step. A token reaches the streamer and the
+stopping criteria only once it is committed, so a replaced EOS or stop string never ends a row.
+Generate's own logits processors, stopping criteria and streamer are used unchanged. A caller's
+`past_key_values` is restored if generation raises (`cache_ops.CacheSnapshot`).
 """
 
 from __future__ import annotations
@@ -18,7 +20,9 @@ from transformers.generation import GenerateDecoderOnlyOutput
 
 from vsteer_hf import policy
 from vsteer_hf.config import ValueSteerConfig
-from vsteer_hf.hf.candidates import CandidateForward, choose_path
+from vsteer_hf.hf.cache_ops import CacheSnapshot, refuse_rolling_static_window
+from vsteer_hf.hf.candidates import CandidateForward, StepResult, choose_path
+from vsteer_hf.hf.lazy import LazyCandidateStep
 
 
 @dataclass
@@ -125,6 +129,43 @@ def _check_prompt_lengths(
         )
 
 
+@dataclass
+class _EagerCandidateStep:
+    """Forward all K candidates of every row (tree or expand), score them, select, commit the winners."""
+
+    forward: CandidateForward
+    head: Any
+    thresholds: torch.Tensor
+    steer: ValueSteerConfig
+    feature_device: torch.device
+
+    def __call__(
+        self, candidates: torch.Tensor, prefix_mask: torch.Tensor, live: torch.Tensor, step: int, probs: Any
+    ) -> StepResult:
+        hidden, layer_states = self.forward.forward(candidates, prefix_mask)  # (B, K, H)
+        hidden = hidden.to(self.feature_device)
+        risks = self.head.p(hidden)  # (B, K) fp32
+        policy.refuse_non_finite(risks[live], f"generation step {step}")
+        if self.steer.mode == "vfd" and candidates.shape[1] > 1:
+            cand_probs = policy.candidate_probs(probs, candidates).to(risks.device) if probs is not None else None
+            winner = policy.select_candidates(
+                risks, self.thresholds, self.steer.rule, probs=cand_probs, args_weight=self.steer.args_weight
+            )  # (B,)
+        else:
+            winner = torch.zeros(candidates.shape[0], dtype=torch.long, device=risks.device)
+        self.forward.commit(winner, prefix_mask.shape[1])
+        states = None
+        if layer_states is not None:
+            states = tuple(policy.gather_selected(s, winner.to(s.device)) for s in layer_states)
+        return StepResult(
+            winner=winner,
+            hidden=policy.gather_selected(hidden, winner),
+            risk=policy.gather_selected(risks, winner),
+            risks=risks,
+            layer_states=states,
+        )
+
+
 def value_steered_sample(
     model: Any,
     input_ids: torch.LongTensor,
@@ -145,6 +186,31 @@ def value_steered_sample(
             "rows do not correspond to generate's. Drop output_attentions=True."
         )
     text_config = model.config.get_text_config()
+    _check_prompt_lengths(input_ids, model_kwargs.get("attention_mask"), generation_config, text_config)
+    caller_cache = model_kwargs.get("past_key_values")
+    refuse_rolling_static_window(caller_cache, generation_config.max_length)
+    snapshot = CacheSnapshot(caller_cache)  # the loop only appends, so this restores the cache on failure
+    try:
+        return _steered_loop(
+            model, input_ids, logits_processor, stopping_criteria, generation_config, steer, streamer, **model_kwargs
+        )
+    except BaseException:
+        snapshot.restore()
+        raise
+
+
+def _steered_loop(
+    model: Any,
+    input_ids: torch.LongTensor,
+    logits_processor: Any,
+    stopping_criteria: Any,
+    generation_config: Any,
+    steer: ValueSteerConfig,
+    streamer: Any,
+    **model_kwargs: Any,
+) -> ValueSteerOutput | torch.LongTensor:
+    """Prefill, then one candidate step per token until every row stops (see the module docstring)."""
+    text_config = model.config.get_text_config()
     head = steer.load_head(hidden_size=text_config.hidden_size)
     k = steer.candidates_per_step
     batch = input_ids.shape[0]
@@ -162,7 +228,6 @@ def value_steered_sample(
 
     prefix_mask = model_kwargs.get("attention_mask")  # None when generate dropped an all-ones mask
     cache = model_kwargs.get("past_key_values")
-    _check_prompt_lengths(input_ids, prefix_mask, generation_config, text_config)
 
     # Prefill exactly as generate does; catch the last prompt state on its way into lm_head.
     lm_head = model.get_output_embeddings()
@@ -185,18 +250,43 @@ def value_steered_sample(
     thresholds = steer.thresholds(head, batch, feature_device)  # (B,)
     direction = steer.risk_direction(head)
 
-    path = choose_path(steer.candidate_forward, cache, getattr(model.config, "_attn_implementation", None), k)
-    forward = CandidateForward(
-        decoder=model.get_decoder(),
-        cache=cache,
-        path=path,
-        num_candidates=k,
-        batch_size=batch,
-        mask_dtype=model.dtype,
-        output_hidden_states=output_hidden,
+    path = choose_path(
+        steer.candidate_forward,
+        cache,
+        getattr(model.config, "_attn_implementation", None),
+        k,
+        rule=steer.rule,
+        trace_candidates=steer.trace_candidates,
+        device_type=feature_device.type,
     )
-    if path == "expand" and k > 1:
-        forward.expand_cache()
+    if path == "lazy":
+        candidate_step: Any = LazyCandidateStep(
+            decoder=model.get_decoder(),
+            cache=cache,
+            head=head,
+            thresholds=thresholds,
+            num_candidates=k,
+            batch_size=batch,
+            mask_dtype=model.dtype,
+            attn_implementation=getattr(model.config, "_attn_implementation", None),
+            feature_device=feature_device,
+            output_hidden_states=output_hidden,
+        )
+        finish = candidate_step.natural
+    else:
+        forward = CandidateForward(
+            decoder=model.get_decoder(),
+            cache=cache,
+            path=path,
+            num_candidates=k,
+            batch_size=batch,
+            mask_dtype=model.dtype,
+            output_hidden_states=output_hidden,
+        )
+        if path == "expand" and k > 1:
+            forward.expand_cache()
+        candidate_step = _EagerCandidateStep(forward, head, thresholds, steer, feature_device)
+        finish = forward
 
     prefix_mask = prefix_mask.to(input_ids.device)
     unfinished = torch.ones(batch, dtype=torch.bool, device=input_ids.device)
@@ -242,34 +332,20 @@ def value_steered_sample(
         if has_eos_stop and pad_token_id is not None:
             candidates = torch.where(unfinished[:, None], candidates, pad_token_id)
 
-        prefix_len = prefix_mask.shape[1]
-        hidden, layer_states = forward.forward(candidates, prefix_mask)  # (B, K, H)
-        hidden = hidden.to(feature_device)
-        risks = head.p(hidden)  # (B, K) fp32
-        live = unfinished.to(risks.device)
-        policy.refuse_non_finite(risks[live], f"generation step {step}")
-        if steer.mode == "vfd" and k > 1:
-            cand_probs = policy.candidate_probs(probs, candidates).to(risks.device) if probs is not None else None
-            winner = policy.select_candidates(
-                risks, thresholds, steer.rule, probs=cand_probs, args_weight=steer.args_weight
-            )  # (B,)
-        else:
-            winner = torch.zeros(batch, dtype=torch.long, device=risks.device)
-        forward.commit(winner, prefix_len)
-
-        next_tokens = policy.gather_selected(candidates, winner.to(candidates.device))  # (B,)
-        winner_hidden = policy.gather_selected(hidden, winner)  # (B, H)
-        winner_risk = policy.gather_selected(risks, winner)  # (B,)
+        live = unfinished.to(feature_device)
+        result = candidate_step(candidates, prefix_mask, live, step, probs)
+        next_tokens = policy.gather_selected(candidates, result.winner.to(candidates.device))  # (B,)
+        winner_hidden, winner_risk = result.hidden, result.risk  # (B, H), (B,)
         nan = torch.full_like(winner_risk, float("nan"))
         risk_steps.append(torch.where(live, winner_risk, nan).to(input_ids.device))
         intervention_steps.append(policy.intervened(candidates, next_tokens) & unfinished)
         if steer.trace_candidates:
             cand_steps.append(candidates)
-            cand_risk_steps.append(torch.where(live[:, None], risks, float("nan")).to(input_ids.device))
+            cand_risk_steps.append(torch.where(live[:, None], result.risks, float("nan")).to(input_ids.device))
         if steer.trace_features:
             feature_steps.append(torch.where(live[:, None], winner_hidden.float(), float("nan")).to(input_ids.device))
-        if hidden_steps is not None and layer_states is not None:
-            hidden_steps += (tuple(policy.gather_selected(s, winner.to(s.device))[:, None] for s in layer_states),)
+        if hidden_steps is not None and result.layer_states is not None:
+            hidden_steps += (tuple(s[:, None] for s in result.layer_states),)
         if steer.mode == "abstain":
             abstain_pending = policy.crossed(winner_risk, thresholds, direction)
 
@@ -287,8 +363,8 @@ def value_steered_sample(
         streamer.end()
     if hidden_steps is not None:  # like generate: one entry per score (the last step's forward scored nothing)
         hidden_steps = hidden_steps[:step]
-    forward.collapse_cache()
-    forward.drop_last()
+    finish.collapse_cache()
+    finish.drop_last()
     if not return_dict:
         return input_ids
     return ValueSteerOutput(
