@@ -24,6 +24,7 @@ from torch import nn
 
 from vsteer_hf.head_card import RISK_DIRECTIONS, FeatureSpec, HeadCard, _is_int, _writer
 from vsteer_hf.head_format import read_checked_state_dict
+from vsteer_hf.shipped import is_shipped_head, shipped_head_dir, unknown_head_message
 
 __all__ = [
     "DEFAULT_FILENAMES",
@@ -261,14 +262,48 @@ def _resolve(
         names = (filename,) if filename is not None else DEFAULT_FILENAMES
         found = [os.path.join(src, n) for n in names if os.path.isfile(os.path.join(src, n))]
         if not found:
-            raise FileNotFoundError(f"{src}: no value-head weights (looked for {list(names)}); pass filename=")
+            raise FileNotFoundError(_missing_in_folder(src, filename, names))
         weights = found[0]
     elif _looks_local(src) or os.path.isabs(src):
         raise FileNotFoundError(f"{src}: no such value-head file or folder")
+    elif is_shipped_head(src):
+        if revision is not None:
+            raise ValueError(f"revision={revision!r} pins a hub repo's commit, but {src!r} is a shipped head; drop it")
+        return _resolve(shipped_head_dir(src), filename, None, hub_kwargs)
+    elif "/" not in src:  # not a hub id (owner/name): answer at once instead of asking the hub
+        raise FileNotFoundError(unknown_head_message(src))
     else:
         return _download(src, filename, revision, hub_kwargs)
     sidecar = weights + SIDECAR_SUFFIX
     return weights, (sidecar if os.path.isfile(sidecar) else None)
+
+
+def _hub_resolves() -> bool:
+    """False when the hub's host name does not resolve (no network): then only the local cache can answer,
+    and asking the hub would spend ~20 s of retries per file."""
+    import socket
+    from urllib.parse import urlparse
+
+    from huggingface_hub import constants
+
+    if constants.HF_HUB_OFFLINE:
+        return True  # huggingface_hub itself answers from the cache without retries
+    host = urlparse(constants.ENDPOINT).hostname
+    try:
+        socket.getaddrinfo(host, 443)
+    except (OSError, UnicodeError):
+        return False
+    return True
+
+
+def _missing_in_folder(folder: str, filename: str | None, names: tuple[str, ...]) -> str:
+    held = sorted(n for n in os.listdir(folder) if not n.endswith(SIDECAR_SUFFIX))[:8]
+    if filename is not None:
+        return (
+            f"{folder}: no file {filename!r} in this folder (filename=); it holds {held}. Pass the name of the "
+            f"weights file there, or drop filename= to look for {list(DEFAULT_FILENAMES)}"
+        )
+    return f"{folder}: no value-head weights (looked for {list(names)}; it holds {held}); pass filename="
 
 
 def _download(
@@ -276,17 +311,25 @@ def _download(
 ) -> tuple[str, str | None]:
     names = (filename,) if filename is not None else DEFAULT_FILENAMES
     weights, offline = None, None
+    if not hub_kwargs.get("local_files_only") and not _hub_resolves():
+        hub_kwargs = {**hub_kwargs, "local_files_only": True}  # no network: the cache answers at once
     for name in names:
         try:
             weights = hf_hub_download(repo_id, name, revision=revision, **hub_kwargs)
             break
         except EntryNotFoundError as e:  # absent from the repo, or (Local...) from the offline cache
-            offline = offline or (e if isinstance(e, LocalEntryNotFoundError) else None)
+            if isinstance(e, LocalEntryNotFoundError) and offline is None:
+                # the hub is unreachable: the other names come from the local cache or not at all
+                # (each retried download would wait out its own network timeouts)
+                offline = e
+                hub_kwargs = {**hub_kwargs, "local_files_only": True}
     if weights is None:
         where = f"hub repo {repo_id!r} (revision {revision or 'main'})"
         if offline is not None:
             raise FileNotFoundError(
-                f"{where}: none of {list(names)} is in the local cache and the hub is unreachable ({offline})"
+                f"{where}: none of {list(names)} is in the local cache and the hub is unreachable; connect to the "
+                "network once (the head is then cached), pass a local file or folder, or a shipped head's name "
+                "(`vsteer heads`)"
             ) from offline
         raise FileNotFoundError(f"{where} has none of {list(names)}; pass filename= (e.g. 'mistral/hh-rlhf.bin')")
     try:

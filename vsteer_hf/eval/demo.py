@@ -11,18 +11,11 @@ from __future__ import annotations
 
 import argparse
 import json
-from importlib import resources
 from pathlib import Path
 
-SHIPPED_HEAD = "heads/smollm2-135m-instruct-rtp-toxicity"
+from vsteer_hf.shipped import shipped_head_dir
 
-
-def shipped_head_dir() -> Path:
-    """Folder of the toxicity head for SmolLM2-135M-Instruct that ships inside the package."""
-    folder = Path(str(resources.files("vsteer_hf") / SHIPPED_HEAD))
-    if not (folder / "value_head.safetensors").is_file():
-        raise FileNotFoundError(f"the shipped head is missing from {folder}; reinstall vsteer-hf.")
-    return folder
+__all__ = ["run_demo", "shipped_head_dir"]  # shipped_head_dir lives in vsteer_hf.shipped
 
 
 def run_demo(args: argparse.Namespace) -> int:
