@@ -22,6 +22,7 @@ from huggingface_hub import PyTorchModelHubMixin, hf_hub_download
 from huggingface_hub.errors import EntryNotFoundError, LocalEntryNotFoundError
 from torch import nn
 
+from vsteer_hf._hub import hub_resolves
 from vsteer_hf.head_card import RISK_DIRECTIONS, FeatureSpec, HeadCard, _is_int, _writer
 from vsteer_hf.head_format import read_checked_state_dict
 from vsteer_hf.shipped import is_shipped_head, shipped_head_dir, unknown_head_message
@@ -278,24 +279,6 @@ def _resolve(
     return weights, (sidecar if os.path.isfile(sidecar) else None)
 
 
-def _hub_resolves() -> bool:
-    """False when the hub's host name does not resolve (no network): then only the local cache can answer,
-    and asking the hub would spend ~20 s of retries per file."""
-    import socket
-    from urllib.parse import urlparse
-
-    from huggingface_hub import constants
-
-    if constants.HF_HUB_OFFLINE:
-        return True  # huggingface_hub itself answers from the cache without retries
-    host = urlparse(constants.ENDPOINT).hostname
-    try:
-        socket.getaddrinfo(host, 443)
-    except (OSError, UnicodeError):
-        return False
-    return True
-
-
 def _missing_in_folder(folder: str, filename: str | None, names: tuple[str, ...]) -> str:
     held = sorted(n for n in os.listdir(folder) if not n.endswith(SIDECAR_SUFFIX))[:8]
     if filename is not None:
@@ -311,7 +294,7 @@ def _download(
 ) -> tuple[str, str | None]:
     names = (filename,) if filename is not None else DEFAULT_FILENAMES
     weights, offline = None, None
-    if not hub_kwargs.get("local_files_only") and not _hub_resolves():
+    if not hub_kwargs.get("local_files_only") and not hub_resolves():
         hub_kwargs = {**hub_kwargs, "local_files_only": True}  # no network: the cache answers at once
     for name in names:
         try:
