@@ -173,40 +173,13 @@ def test_abstention_reports_the_deciding_risk(model_dir, tmp_path):
     shown risk under the threshold)."""
     head_dir = tmp_path / "head"
     make_head(32, bias=50.0).save_pretrained(head_dir)
-    proc, _ = vsteer(
-        "generate",
-        "--model",
-        str(model_dir),
-        "--head",
-        str(head_dir),
-        "--prompt",
-        "w10 w11",
-        "--mode",
-        "abstain",
-        "--threshold",
-        "0.5",
-        "--max-new-tokens",
-        "4",
-        "--json",
-    )
+    args = ["generate", "--model", str(model_dir), "--head", str(head_dir), "--prompt", "w10 w11"]
+    args += ["--mode", "abstain", "--threshold", "0.5", "--max-new-tokens", "4"]
+    proc, _ = vsteer(*args, "--json")
     assert proc.returncode == 0, proc.stderr
     record = json.loads(proc.stdout.strip().splitlines()[-1])
     assert record["abstained"] and record["abstain_step"] == 0 and record["deciding_risk"] >= 0.5
-    proc, _ = vsteer(
-        "generate",
-        "--model",
-        str(model_dir),
-        "--head",
-        str(head_dir),
-        "--prompt",
-        "w10 w11",
-        "--mode",
-        "abstain",
-        "--threshold",
-        "0.5",
-        "--max-new-tokens",
-        "4",
-    )
+    proc, _ = vsteer(*args)
     assert "abstained: yes, ended at step 0: risk 1.0000 >= threshold 0.5000 after the last prompt token" in proc.stdout
 
 
