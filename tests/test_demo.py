@@ -31,3 +31,28 @@ def test_demo_runs_on_a_few_held_out_prompts(tmp_path, capsys):
     names = [s["name"] for s in record["summaries"]]
     assert names[0] == "base" and names[1].startswith("VFD")
     assert all(s["n"] == 3 for s in record["summaries"])
+
+
+def test_evaluation_seeds_one_batch_after_another():
+    """`generate_method` seeds batch i with seed * 1_000_003 + i (paired methods draw the same stream)."""
+    import torch
+    from tiny_models import tiny_model, tiny_tokenizer
+
+    from vsteer_hf.eval.prompts import PromptRecord
+    from vsteer_hf.eval.runner import GenerationSettings, generate_method
+
+    model = tiny_model("llama")
+    tok = tiny_tokenizer()
+    tok.padding_side = "left"
+    seeds = []
+    original = model.generate
+
+    def generate(**kwargs):
+        seeds.append(torch.initial_seed())
+        return original(**kwargs)
+
+    model.generate = generate
+    prompts = [PromptRecord(id=f"p{i}", text=f"w{10 + i} w{20 + i}", source="test") for i in range(5)]
+    run = generate_method("base", model, tok, prompts, GenerationSettings(max_new_tokens=3, batch_size=2, seed=3))
+    assert seeds == [3 * 1_000_003 + i for i in range(3)]
+    assert run.prompt_ids == [p.id for p in prompts] and run.tokens > 0

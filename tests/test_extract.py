@@ -71,3 +71,59 @@ def test_extraction_resumes_and_labels(tmp_path):
     assert counts["labelled"] == 10
     reloaded = type(cache)(folder)
     assert all(r["label"] in (0.0, 1.0) for r in reloaded.records)
+
+
+def _recording(model):
+    """Wrap `model.generate` to record, per call, the torch seed in force and the arguments."""
+    calls = []
+    original = model.generate
+
+    def generate(**kwargs):
+        calls.append({"seed": torch.initial_seed(), **{k: v for k, v in kwargs.items() if k != "streamer"}})
+        return original(**kwargs)
+
+    model.generate = generate
+    return calls
+
+
+def test_extraction_seeds_and_generate_calls_are_pinned(tmp_path):
+    """The recorded extraction run depends on these: one seed per batch from its first job, and the
+    same generate arguments; the progress streamer changes no token."""
+    from vsteer_hf.train.extract import _stable_int
+
+    runs = []
+    for progress in (False, True):
+        model = enable_value_steer(tiny_model("llama"))
+        tok = tiny_tokenizer()
+        tok.padding_side = "left"
+        calls = _recording(model)
+        cache = extract_features(
+            model,
+            tok,
+            _prompts(),
+            tmp_path / f"cache-{progress}",
+            samples_per_prompt=2,
+            max_new_tokens=5,
+            batch_size=3,
+            seed=7,
+            progress=progress,
+        )
+        runs.append((calls, [r["token_ids"] for r in cache.records]))
+    jobs = [(p, s) for p in _prompts() for s in range(2)]
+    expected_seeds = [7 * 1_000_003 + _stable_int(jobs[i][0].id) + jobs[i][1] for i in range(0, len(jobs), 3)]
+    for calls, _ in runs:
+        assert [c["seed"] for c in calls] == expected_seeds
+        for c in calls:
+            settings = {k: v for k, v in c.items() if k not in ("seed", "input_ids", "attention_mask", "value_steer")}
+            assert settings == {
+                "do_sample": True,
+                "top_p": 0.9,
+                "temperature": 1.0,
+                "top_k": 0,
+                "max_new_tokens": 5,
+                "pad_token_id": tok.pad_token_id,
+                "return_dict_in_generate": True,
+            }
+            assert c["value_steer"].num_candidates == 1 and c["value_steer"].trace_features
+    assert runs[0][1] == runs[1][1]
+    assert [len(c["input_ids"]) for c in runs[0][0]] == [3, 3, 3, 1]

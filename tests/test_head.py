@@ -522,3 +522,45 @@ def test_revision_with_a_local_path_is_refused_not_ignored(tmp_path):
     write_plugin_checkpoint(str(tmp_path))
     with pytest.raises(ValueError, match=r"revision='v1' pins a hub repo's commit, but .* is a local path"):
         load_value_head(tmp_path, revision="v1")
+
+
+# --------------------------------------------------------------------------- shipped heads by name
+def test_shipped_head_loads_by_name_and_is_listed():
+    from vsteer_hf import shipped_heads
+    from vsteer_hf.shipped import DEFAULT_HEAD, shipped_head_dir
+
+    head = load_value_head(DEFAULT_HEAD, hidden_size=576)
+    assert head.card.backbone == "smollm2-135m-instruct"
+    by_folder = load_value_head(shipped_head_dir())
+    assert all(
+        torch.equal(a, b) for a, b in zip(head.state_dict().values(), by_folder.state_dict().values(), strict=True)
+    )
+    (listed,) = [h for h in shipped_heads() if h.name == DEFAULT_HEAD]
+    assert listed.backbone == "smollm2-135m-instruct" and listed.threshold == head.card.threshold
+    assert listed.results["val_auroc"] == head.card.training["val_auroc"]
+    assert listed.results["sweep"]["vfd_threshold"] == pytest.approx(head.card.threshold)
+
+
+def test_a_mistyped_shipped_name_fails_at_once_with_the_close_match(monkeypatch):
+    def no_hub(*args, **kwargs):
+        raise AssertionError("a name that is not a hub id must not reach the hub")
+
+    monkeypatch.setattr(head_mod, "hf_hub_download", no_hub)
+    with pytest.raises(FileNotFoundError, match="did you mean 'smollm2-135m-instruct-rtp-toxicity'"):
+        load_value_head("smollm2-135m-instruct-rtp-toxicty")
+    with pytest.raises(ValueError, match="is a shipped head; drop it"):
+        load_value_head("smollm2-135m-instruct-rtp-toxicity", revision="abc")
+
+
+def test_no_network_asks_the_hub_for_cached_files_only(monkeypatch):
+    calls = []
+
+    def cached_only(repo_id, filename, revision=None, **kwargs):
+        calls.append(kwargs.get("local_files_only"))
+        raise LocalEntryNotFoundError("not cached")
+
+    monkeypatch.setattr(head_mod, "hf_hub_download", cached_only)
+    monkeypatch.setattr(head_mod, "hub_resolves", lambda: False)
+    with pytest.raises(FileNotFoundError, match="hub is unreachable"):
+        load_value_head("me/head")
+    assert calls == [True] * 4  # every default name looked up in the cache, none retried on the network

@@ -5,6 +5,7 @@ from __future__ import annotations
 import re
 from pathlib import Path
 
+import pytest
 from tiny_models import make_head
 
 README = Path(__file__).resolve().parents[1] / "README.md"
@@ -26,3 +27,19 @@ def test_readme_quickstart_runs(model_dir, tmp_path, capsys):
     exec(compile(code, "README.md quickstart", "exec"), {})
     out = capsys.readouterr().out
     assert "risk per token:" in out and "interventions:" in out
+
+
+def _embedded_snippet() -> str:
+    section = README.read_text().split("## Steer the embedded model", 1)[1].split("\n## ", 1)[0]
+    return re.search(r"```python\n(.*?)```", section, re.S).group(1)
+
+
+@pytest.mark.slow
+def test_readme_embedded_model_snippet_runs_verbatim(capsys, monkeypatch):
+    """The embedded SmolLM2 (converted in the shared cache) steered by the shipped head, both by name."""
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    monkeypatch.setenv("VSTEER_NO_INSTALL", "1")
+    exec(compile(_embedded_snippet(), "README.md embedded-model snippet", "exec"), {})
+    out = capsys.readouterr().out.splitlines()
+    assert out[-1].startswith("interventions: ") and out[-1].endswith(" tokens")
+    assert len(out[-2].strip()) > 0  # the steered continuation

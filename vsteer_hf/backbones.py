@@ -162,38 +162,82 @@ def resolve_backbone(
     return os.fspath(name_or_path)
 
 
+class ModelNotFoundError(FileNotFoundError):
+    """A backbone name, folder or hub id that does not load; the message says what was looked for."""
+
+
+def _check_model_source(path: str) -> None:
+    """Refuse at once a path that is no folder (transformers would try it as a hub id)."""
+    local = path.startswith((".", "/", "~")) or os.path.isabs(path) or path.count("/") > 1
+    if local:
+        raise ModelNotFoundError(
+            f"no model folder {path!r}; pass an existing folder, a hub id (owner/name) or "
+            f"{DEFAULT_BACKBONE!r} (the embedded default)"
+        )
+
+
+def _not_loaded(name: str, error: OSError) -> str:
+    import difflib
+
+    first = next((ln.strip() for ln in str(error).splitlines() if ln.strip()), type(error).__name__)
+    close = difflib.get_close_matches(name, [DEFAULT_BACKBONE], n=1, cutoff=0.7)
+    hint = f"did you mean {close[0]!r} (the embedded default)? " if close and close[0] != name else ""
+    return (
+        f"could not load the model {name!r} ({first}). {hint}Pass a local folder, a hub id (owner/name) that is "
+        f"reachable or in the local cache, or {DEFAULT_BACKBONE!r}"
+    )
+
+
 def load_backbone(
     name_or_path: str | os.PathLike = DEFAULT_BACKBONE,
     dtype: Any = "auto",
     device: Any = None,
     cache_dir: str | os.PathLike | None = None,
     progress: bool = True,
+    revision: str | None = None,
 ) -> tuple[Any, Any]:
     """(model in eval mode, tokenizer) for a backbone name, hub id or local folder.
 
     ``dtype``: a ``torch.dtype``, its name (``"float32"``, ``"bfloat16"``) or ``"auto"`` (the checkpoint's;
     fp32 for the default). ``device``: e.g. ``"cpu"``/``"cuda"``, or ``"auto"`` for ``device_map="auto"``.
-    The tokenizer is created here, so we set it up for batched generation: left padding, and the eos
-    token as pad token when it has none.
+    ``revision`` pins a hub commit. The tokenizer is created here, so we set it up for batched
+    generation: left padding, and the eos token as pad token when it has none. A name that does not
+    load raises ``ModelNotFoundError`` with one line naming it and the fix; with no network the local
+    hub cache answers at once.
     """
     import torch
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
-    path = resolve_backbone(name_or_path, cache_dir=cache_dir, progress=progress)
     if isinstance(dtype, str) and dtype != "auto":
         if not isinstance(getattr(torch, dtype, None), torch.dtype):
             raise ValueError(f"dtype={dtype!r} is not a torch dtype; use 'auto', 'float32', 'bfloat16' or 'float16'")
         dtype = getattr(torch, dtype)
-    tokenizer = AutoTokenizer.from_pretrained(path)
+    path = resolve_backbone(name_or_path, cache_dir=cache_dir, progress=progress)
+    hub: dict[str, Any] = {"revision": revision} if revision is not None else {}
+    if revision is not None and os.path.exists(path):
+        raise ValueError(f"revision={revision!r} pins a hub repo's commit, but {path} is a local folder; drop it")
+    if not os.path.isdir(path):
+        _check_model_source(path)
+        from vsteer_hf._hub import hub_resolves
+
+        if not hub_resolves():
+            hub["local_files_only"] = True  # no network: the cache answers at once, without retries
+    try:
+        tokenizer = AutoTokenizer.from_pretrained(path, **hub)
+    except OSError as e:
+        raise ModelNotFoundError(_not_loaded(str(name_or_path), e)) from e
     tokenizer.padding_side = "left"  # our own instance: batched generation needs left padding
     if tokenizer.pad_token is None:
         if tokenizer.eos_token is None:
             raise ValueError(f"the tokenizer of {path} has neither a pad nor an eos token; cannot batch prompts")
         tokenizer.pad_token = tokenizer.eos_token
-    kwargs: dict[str, Any] = {"dtype": dtype}
+    kwargs: dict[str, Any] = {"dtype": dtype, **hub}
     if device == "auto":
         kwargs["device_map"] = "auto"
-    model = AutoModelForCausalLM.from_pretrained(path, **kwargs)
+    try:
+        model = AutoModelForCausalLM.from_pretrained(path, **kwargs)
+    except OSError as e:
+        raise ModelNotFoundError(_not_loaded(str(name_or_path), e)) from e
     if device not in (None, "auto"):
         model.to(device)
     return model.eval(), tokenizer

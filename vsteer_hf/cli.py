@@ -1,6 +1,8 @@
 """`vsteer` command line: one object per subcommand, `main(argv) -> int`.
 
-vsteer generate --model MODEL --head HEAD --prompt "..." [--chat] [--threshold T | --alpha A] [-k K] [--compare]
+vsteer generate --prompt "..." [--model MODEL] [--head HEAD] [--chat] [--threshold T | --alpha A] [-k K] [--compare]
+vsteer heads            (the shipped value heads; load one by name)
+vsteer demo [--limit N]
 vsteer compare [--methods base,vfd,abstain,profs,profs+vfd,model:ID] [--pairs WORKDIR|PAIRS.jsonl] [--out DIR]
 vsteer profs-sweep --pairs WORKDIR|PAIRS.jsonl --out DIR [--ks 1,2,4,8] [--layers 14-28,14-29] [--budget 0.1]
 """
@@ -13,18 +15,27 @@ import sys
 from collections.abc import Sequence
 from typing import Any
 
-from vsteer_hf.profs.command import ProFSSweepCommand
+from vsteer_hf.profs_sweep_command import ProFSSweepCommand  # argument parsing only: no torch at import
+
+DEFAULT_MODEL = "smollm2-135m-instruct"  # vsteer_hf.backbones.DEFAULT_BACKBONE, without importing torch
 
 
 class GenerateCommand:
     """Steer one or more prompts and print the text; `--compare` adds the unsteered text and per-token risk."""
 
     name = "generate"
-    help = "generate steered text with a value head"
+    help = "generate steered text with a value head (default: the embedded SmolLM2 and its shipped head)"
 
     def add_arguments(self, parser: argparse.ArgumentParser) -> None:
-        parser.add_argument("--model", required=True, help="hub id or local folder of a causal LM")
-        parser.add_argument("--head", required=True, help="value head: file, folder or hub id")
+        parser.add_argument(
+            "--model", default=DEFAULT_MODEL, help=f"hub id, local folder or {DEFAULT_MODEL} (default, embedded)"
+        )
+        parser.add_argument(
+            "--head",
+            default=None,
+            help="value head: shipped head name (`vsteer heads`), file, folder or hub id "
+            "(default: the shipped head trained for --model)",
+        )
         parser.add_argument("--head-filename", default=None, help="file inside a head folder/repo (sub-paths allowed)")
         parser.add_argument(
             "--head-revision", default=None, help="hub branch, tag or commit of the head (pin a commit for audits)"
@@ -32,8 +43,8 @@ class GenerateCommand:
         parser.add_argument("--revision", default=None, help="hub branch, tag or commit of --model")
         parser.add_argument("--prompt", action="append", required=True, help="prompt text; repeat for a batch")
         parser.add_argument("--chat", action="store_true", help="wrap each prompt with the tokenizer's chat template")
-        decision = parser.add_mutually_exclusive_group(required=True)
-        decision.add_argument("--threshold", type=float, help="risk threshold in [0, 1] (e.g. 0.3)")
+        decision = parser.add_mutually_exclusive_group()
+        decision.add_argument("--threshold", type=float, help="risk threshold in [0, 1] (default: the head card's)")
         decision.add_argument("--alpha", type=float, help="false-intervention rate on the head's calibrated curve")
         parser.add_argument("-k", "--num-candidates", type=int, default=None, help="candidates per step (default 8)")
         parser.add_argument("--mode", choices=("vfd", "abstain"), default="vfd")
@@ -49,35 +60,28 @@ class GenerateCommand:
 
     def run(self, args: argparse.Namespace) -> int:
         import torch
-        from transformers import AutoModelForCausalLM, AutoTokenizer
 
         from vsteer_hf import ValueSteerConfig, enable_value_steer, load_value_head
+        from vsteer_hf.backbones import load_backbone
 
-        tokenizer = AutoTokenizer.from_pretrained(args.model, revision=args.revision)
-        tokenizer.padding_side = "left"  # our own instance: batched generation needs left padding
-        if tokenizer.pad_token is None:
-            if tokenizer.eos_token is None:
-                raise SystemExit("error: the tokenizer has neither a pad nor an eos token; cannot batch prompts.")
-            tokenizer.pad_token = tokenizer.eos_token
-        dtypes = {"auto": "auto", "float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+        dtypes = ("auto", "float32", "bfloat16", "float16")
         if args.dtype not in dtypes:
-            raise ValueError(f"--dtype {args.dtype!r} is not one of {sorted(dtypes)}.")
-        load_kwargs: dict[str, Any] = {"dtype": dtypes[args.dtype], "revision": args.revision}
-        if args.device == "auto":
-            load_kwargs["device_map"] = "auto"
-        model = AutoModelForCausalLM.from_pretrained(args.model, **load_kwargs)
-        if args.device not in (None, "auto"):
-            model.to(args.device)
-        model = enable_value_steer(model.eval())
+            raise ValueError(f"--dtype {args.dtype!r} is not one of {list(dtypes)}.")
+        head_source = args.head if args.head is not None else _default_head(args.model)
+        model, tokenizer = load_backbone(
+            args.model, dtype=args.dtype, device=args.device, revision=args.revision, progress=not args.json
+        )
+        model = enable_value_steer(model)
         hidden_size = model.config.get_text_config().hidden_size
         head = load_value_head(
-            args.head, filename=args.head_filename, revision=args.head_revision, hidden_size=hidden_size
+            head_source, filename=args.head_filename, revision=args.head_revision, hidden_size=hidden_size
         )
+        threshold, source = _threshold_in_use(args, head)
 
         texts = list(args.prompt)
         if args.chat:
             if tokenizer.chat_template is None:
-                raise SystemExit(f"error: --chat given but {args.model}'s tokenizer has no chat template.")
+                raise ValueError(f"--chat given but {args.model}'s tokenizer has no chat template; drop --chat.")
             texts = [
                 tokenizer.apply_chat_template(
                     [{"role": "user", "content": t}], tokenize=False, add_generation_prompt=True
@@ -99,11 +103,7 @@ class GenerateCommand:
             **sampling,
         )
         steer = ValueSteerConfig(
-            head=head,
-            threshold=args.threshold,
-            alpha=args.alpha,
-            num_candidates=args.num_candidates,
-            mode=args.mode,
+            head=head, threshold=threshold, alpha=args.alpha, num_candidates=args.num_candidates, mode=args.mode
         )
         torch.manual_seed(args.seed)
         steered = model.generate(**common, value_steer=steer)
@@ -112,17 +112,67 @@ class GenerateCommand:
             torch.manual_seed(args.seed)
             base = model.generate(**common, value_steer=ValueSteerConfig(head=head, threshold=1.0, num_candidates=1))
         prompt_len = inputs["input_ids"].shape[1]
+        direction = steer.risk_direction(head)
+        setting = {
+            "model": str(args.model),
+            "head": str(head_source),
+            "mode": args.mode,
+            "num_candidates": steer.candidates_per_step,
+            "threshold_source": source,
+            "direction": direction,
+        }
+        if not args.json:
+            print(_setting_line(setting, float(steered.thresholds[0])))
         for row, prompt in enumerate(args.prompt):
-            record = _row_record(tokenizer, steered, row, prompt_len, prompt)
+            record = _row_record(tokenizer, steered, row, prompt_len, prompt, direction)
             if base is not None:
-                record["base"] = _row_record(tokenizer, base, row, prompt_len, prompt)
-            print(json.dumps(record) if args.json else _format(record))
+                record["base"] = _row_record(tokenizer, base, row, prompt_len, prompt, direction)
+            print(json.dumps({**record, "setting": setting}) if args.json else _format(record, args.mode, direction))
+        if not args.json:
+            print(_legend(args.mode, base is not None, direction))
         return 0
 
 
-def _row_record(tokenizer: Any, out: Any, row: int, prompt_len: int, prompt: str) -> dict[str, Any]:
+def _default_head(model: str) -> str:
+    """The shipped head trained for `model`, or an error naming --head."""
+    from vsteer_hf.shipped import shipped_heads
+
+    for shipped in shipped_heads():
+        if shipped.backbone == str(model):
+            return shipped.name
+    raise ValueError(
+        f"no shipped head was trained for {model!r}; pass --head (a file, folder or hub id). "
+        "`vsteer heads` lists the shipped ones and their backbones"
+    )
+
+
+def _threshold_in_use(args: argparse.Namespace, head: Any) -> tuple[float | None, str]:
+    """(--threshold or the card's when neither it nor --alpha is given, where the threshold comes from)."""
+    if args.threshold is not None:
+        return args.threshold, "--threshold"
+    if args.alpha is not None:
+        return None, f"ĉ(α={args.alpha:g}) on the head's calibrated curve (--alpha)"
+    if head.card.threshold is None:
+        raise ValueError("the head's card recommends no threshold; pass --threshold T (e.g. 0.3) or --alpha A")
+    return head.card.threshold, "the head card's recommended threshold"
+
+
+def _setting_line(setting: dict[str, Any], threshold: float) -> str:
+    k = f", K={setting['num_candidates']}" if setting["mode"] == "vfd" else ""
+    return (
+        f"model: {setting['model']} | head: {setting['head']} | {setting['mode']}{k} | "
+        f"threshold {threshold:.4f} ({setting['threshold_source']})\n"
+    )
+
+
+def _row_record(
+    tokenizer: Any, out: Any, row: int, prompt_len: int, prompt: str, direction: str = "above"
+) -> dict[str, Any]:
     gen = out.sequences[row, prompt_len:]
     keep = ~out.value_scores[row].isnan()
+    risk = out.value_scores[row][keep]
+    threshold = out.thresholds[row].to(risk.device)
+    crossed = risk < threshold if direction == "below" else risk >= threshold
     tokens = [tokenizer.decode([int(t)]) for t in gen[keep]]
     record: dict[str, Any] = {
         "prompt": prompt,
@@ -130,32 +180,76 @@ def _row_record(tokenizer: Any, out: Any, row: int, prompt_len: int, prompt: str
         "tokens": tokens,
         "risk": [round(float(r), 4) for r in out.value_scores[row][keep]],
         "intervened": [bool(i) for i in out.interventions[row][keep]],
+        "over_threshold": [bool(c) for c in crossed],
+        "threshold": round(float(out.thresholds[row]), 4),
     }
     if out.abstained is not None:
         record["abstained"] = bool(out.abstained[row])
+        step = int(out.abstain_step[row])
+        record["abstain_step"] = step if record["abstained"] else None
+        if record["abstained"]:  # the state that decided: the last prompt token at step 0, else the previous token
+            prompt_risk = getattr(out, "prompt_risk", None)
+            deciding = prompt_risk[row] if step == 0 and prompt_risk is not None else out.value_scores[row, step - 1]
+            record["deciding_risk"] = round(float(deciding), 4)
     return record
 
 
-def _format(record: dict[str, Any]) -> str:
+def _format(record: dict[str, Any], mode: str = "vfd", direction: str = "above") -> str:
     lines = [f"prompt: {record['prompt']}", f"steered: {record['text']}"]
     base = record.get("base")
     if base is not None:
         lines.append(f"base:    {base['text']}")
-    lines.append(f"interventions: {sum(record['intervened'])} of {len(record['tokens'])} tokens")
+    threshold = record["threshold"]
+    if mode == "vfd":
+        fallback = sum(record["over_threshold"])
+        extra = f"; {fallback} with no candidate under the threshold (lowest risk taken)" if fallback else ""
+        lines.append(f"interventions: {sum(record['intervened'])} of {len(record['tokens'])} tokens{extra}")
     if "abstained" in record:
-        lines.append(f"abstained: {record['abstained']}")
+        if record["abstained"]:
+            step = record["abstain_step"]
+            state = "the last prompt token" if step == 0 else f"the token at step {step - 1}"
+            op = "<" if direction == "below" else ">="
+            lines.append(
+                f"abstained: yes, ended at step {step}: risk {record['deciding_risk']:.4f} {op} threshold "
+                f"{threshold:.4f} after {state}"
+            )
+        else:
+            lines.append("abstained: no")
     if base is not None:
         lines.append("  step  steered token       risk   |  base token          risk")
         for i in range(max(len(record["tokens"]), len(base["tokens"]))):
-            lines.append(f"  {i:4d}  {_cell(record, i)}  |  {_cell(base, i, mark=False)}")
+            lines.append(f"  {i:4d}  {_cell(record, i, mode == 'vfd')}  |  {_cell(base, i, mark=False)}")
     return "\n".join(lines) + "\n"
 
 
 def _cell(record: dict[str, Any], i: int, mark: bool = True) -> str:
     if i >= len(record["tokens"]):
         return " " * 27
-    flag = "*" if mark and record["intervened"][i] else " "
+    flag = " "
+    if mark and record["over_threshold"][i]:
+        flag = "!"
+    elif mark and record["intervened"][i]:
+        flag = "*"
     return f"{record['tokens'][i]!r:18.18s} {record['risk'][i]:6.3f}{flag}"
+
+
+def _legend(mode: str, table: bool, direction: str) -> str:
+    crossed = "below" if direction == "below" else "at or above"
+    parts = [
+        "risk: the value head's P(undesirable) of each committed token (the state after it)",
+    ]
+    if mode == "vfd":
+        parts.append("an intervention commits another candidate than the plain sample")
+        if table:
+            parts.append(
+                "* intervened: another candidate than the plain sample, under the threshold; ! no candidate was "
+                f"under the threshold (all {crossed} it), so the lowest-risk one was taken"
+            )
+    else:
+        parts.append(f"abstention ends the text (EOS) once the risk is {crossed} the threshold")
+    if table:
+        parts.append("the base text and column: plain sampling with the same seed, scored by the same head")
+    return "legend: " + "; ".join(parts) + "."
 
 
 class StageCommand:
@@ -370,11 +464,33 @@ class CompareCommand:
         return 1 if all(row.error for row in result.rows) else 0
 
 
+class HeadsCommand:
+    """List the value heads that ship with the package: name, backbone, threshold and recorded results."""
+
+    name = "heads"
+    help = "list the shipped value heads (load one by name: --head NAME, load_value_head(NAME))"
+
+    def add_arguments(self, parser: argparse.ArgumentParser) -> None:
+        parser.add_argument("--json", action="store_true", help="one JSON object per head")
+
+    def run(self, args: argparse.Namespace) -> int:
+        from vsteer_hf.shipped import format_heads, shipped_heads
+
+        heads = shipped_heads()
+        if args.json:
+            for head in heads:
+                print(json.dumps(head.as_dict()))
+        else:
+            print(format_heads(heads))
+        return 0
+
+
 COMMANDS = (
     DemoCommand(),
     CompareCommand(),
     ProFSSweepCommand(),
     GenerateCommand(),
+    HeadsCommand(),
     StageCommand("extract", "decode-matched feature extraction (needs the backbone)", ("extract",)),
     StageCommand("label", "judge every extracted generation", ("label",)),
     StageCommand("train", "train a value head from the feature cache", ("train",)),
@@ -384,11 +500,27 @@ COMMANDS = (
 )
 
 
+def _version() -> str:
+    """The installed distribution's version, without importing torch (the package imports it)."""
+    import importlib.metadata
+
+    try:
+        return importlib.metadata.version("vsteer-hf")
+    except importlib.metadata.PackageNotFoundError:
+        return "unknown (not installed)"
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="vsteer", description="Value-head safety steering for transformers.")
+    parser.add_argument("--version", action="version", version=f"vsteer {_version()}")
+    debug = argparse.ArgumentParser(add_help=False)
+    debug.add_argument(
+        "--debug", action="store_true", default=argparse.SUPPRESS, help="show the full traceback of an error"
+    )
+    parser.add_argument("--debug", action="store_true", help="show the full traceback of an error")
     sub = parser.add_subparsers(dest="command", required=True)
     for command in COMMANDS:
-        command.add_arguments(sub.add_parser(command.name, help=command.help))
+        command.add_arguments(sub.add_parser(command.name, help=command.help, parents=[debug]))
     return parser
 
 
@@ -397,8 +529,12 @@ def main(argv: Sequence[str] | None = None) -> int:
     command = next(c for c in COMMANDS if c.name == args.command)
     try:
         return command.run(args)
-    except (ValueError, FileNotFoundError) as err:
-        print(f"error: {err}", file=sys.stderr)
+    except (ValueError, OSError, RuntimeError) as err:  # FileNotFoundError, PackageInstallError included
+        if args.debug:
+            raise
+        lines = [ln for ln in str(err).splitlines() if ln.strip()] or [type(err).__name__]
+        more = " (--debug shows the traceback)" if len(lines) > 1 or not isinstance(err, (ValueError, OSError)) else ""
+        print(f"error: {lines[0]}{more}", file=sys.stderr)
         return 2
 
 

@@ -11,18 +11,11 @@ from __future__ import annotations
 
 import argparse
 import json
-from importlib import resources
 from pathlib import Path
 
-SHIPPED_HEAD = "heads/smollm2-135m-instruct-rtp-toxicity"
+from vsteer_hf.shipped import shipped_head_dir
 
-
-def shipped_head_dir() -> Path:
-    """Folder of the toxicity head for SmolLM2-135M-Instruct that ships inside the package."""
-    folder = Path(str(resources.files("vsteer_hf") / SHIPPED_HEAD))
-    if not (folder / "value_head.safetensors").is_file():
-        raise FileNotFoundError(f"the shipped head is missing from {folder}; reinstall vsteer-hf.")
-    return folder
+__all__ = ["run_demo", "shipped_head_dir"]  # shipped_head_dir lives in vsteer_hf.shipped
 
 
 def run_demo(args: argparse.Namespace) -> int:
@@ -36,6 +29,7 @@ def run_demo(args: argparse.Namespace) -> int:
     model = enable_value_steer(model)
     head = load_value_head(args.head or shipped_head_dir(), hidden_size=model.config.hidden_size)
     threshold = args.threshold if args.threshold is not None else head.card.threshold
+    source = "--threshold" if args.threshold is not None else "the head card's recommended threshold"
     if threshold is None:
         raise ValueError("the head's card recommends no threshold; pass --threshold.")
     prompts = load_prompts("rtp", split="test", limit=args.limit)
@@ -56,15 +50,29 @@ def run_demo(args: argparse.Namespace) -> int:
         f"{args.max_new_tokens} new tokens, top-p {settings.top_p}, seed {args.seed}; judge: alt-profanity-check"
     )
     print(table)
+    print(table_legend(threshold, source))
     pairs = sorted(range(len(base.generations)), key=lambda i: -summaries[0].scores[i])[: args.examples]
+    if pairs:
+        print("\nmost toxic base continuations and VFD's for the same prompt and seed (judge score in parentheses):")
     for i in pairs:
         print(f"\nprompt: {base.prompts[i]!r}")
-        print(f"  base  ({summaries[0].scores[i]:.2f}): {base.generations[i]!r}")
-        print(f"  VFD   ({summaries[1].scores[i]:.2f}): {vfd.generations[i]!r}")
+        print(f"  base  (judge {summaries[0].scores[i]:.2f}): {base.generations[i]!r}")
+        print(f"  VFD   (judge {summaries[1].scores[i]:.2f}): {vfd.generations[i]!r}")
     if args.out:
         out = Path(args.out)
         out.mkdir(parents=True, exist_ok=True)
         record = {"settings": vars(args) | {"threshold": threshold}, "summaries": [s.as_dict() for s in summaries]}
         (out / "demo.json").write_text(json.dumps(record, indent=2, default=str) + "\n")
-        (out / "demo.md").write_text(table + "\n")
+        (out / "demo.md").write_text(table + "\n\n" + table_legend(threshold, source) + "\n")
     return 0
+
+
+def table_legend(threshold: float, source: str, judge_threshold: float = 0.5) -> str:
+    """What the demo table's columns mean, with the steering threshold in use."""
+    return (
+        f"VFD threshold {threshold:.4f} ({source}): K candidates per token, the first with head risk under it is "
+        f"committed. toxic rate: share of continuations the judge scores > {judge_threshold:g}; mean toxicity: "
+        "the judge's mean score; perplexity: of the continuations under the base model; [low, high]: 95% "
+        "bootstrap interval over prompts; interventions/token: tokens that differ from the plain sample; "
+        "tokens/s: generated tokens over generate's wall time."
+    )

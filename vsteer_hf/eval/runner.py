@@ -7,19 +7,17 @@ under every method and differences are paired. Used by `vsteer demo` and `vsteer
 
 from __future__ import annotations
 
-import time
 from dataclasses import dataclass, field
 from typing import Any
 
 import numpy as np
 import torch
-from tqdm.auto import tqdm
 
 from vsteer_hf.config import ValueSteerConfig
 from vsteer_hf.eval.perplexity import continuation_nll, pooled_perplexity
 from vsteer_hf.eval.prompts import PromptRecord
 from vsteer_hf.eval.stats import Estimate, bootstrap
-from vsteer_hf.train.extract import prompt_text
+from vsteer_hf.sampling import sample_in_batches
 
 
 @dataclass(frozen=True)
@@ -69,31 +67,25 @@ def generate_method(
         raise ValueError("pass a tokenizer with padding_side='left' (batched generation).")
     jobs = [(p, s) for s in range(settings.samples_per_prompt) for p in prompts]
     run = MethodRun(name)
-    extra = {"value_steer": steer} if steer is not None else {}
-    for batch_index, start in enumerate(
-        tqdm(range(0, len(jobs), settings.batch_size), desc=name, disable=not progress, unit="batch")
-    ):
-        batch = jobs[start : start + settings.batch_size]
-        texts = [prompt_text(tokenizer, p.text, settings.chat) for p, _ in batch]
-        inputs = tokenizer(texts, return_tensors="pt", padding=True, add_special_tokens=not settings.chat)
-        inputs = inputs.to(model.device)
-        torch.manual_seed(settings.seed * 1_000_003 + batch_index)
-        began = time.perf_counter()
-        out = model.generate(
-            **inputs,
-            do_sample=True,
-            top_p=settings.top_p,
-            temperature=settings.temperature,
-            top_k=0,
-            max_new_tokens=settings.max_new_tokens,
-            pad_token_id=tokenizer.pad_token_id,
-            return_dict_in_generate=True,
-            **extra,
-        )
-        run.seconds += time.perf_counter() - began
-        prompt_len = inputs["input_ids"].shape[1]
-        for row, (record, _) in enumerate(batch):
-            gen = out.sequences[row, prompt_len:].tolist()
+    batches = sample_in_batches(
+        model,
+        tokenizer,
+        jobs,
+        batch_seed=lambda index, _batch: settings.seed * 1_000_003 + index,
+        batch_size=settings.batch_size,
+        max_new_tokens=settings.max_new_tokens,
+        top_p=settings.top_p,
+        temperature=settings.temperature,
+        chat=settings.chat,
+        value_steer=steer,
+        progress=progress,
+        desc=name,
+    )
+    for sampled in batches:
+        out, inputs = sampled.output, sampled.inputs
+        run.seconds += sampled.seconds
+        for row, (record, _) in enumerate(sampled.jobs):
+            gen = out.sequences[row, sampled.prompt_len :].tolist()
             gen = _until_end(gen, tokenizer.pad_token_id, model.generation_config.eos_token_id)
             run.prompt_ids.append(record.id)
             run.prompts.append(record.text)

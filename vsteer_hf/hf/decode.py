@@ -38,6 +38,7 @@ class ValueSteerOutput(GenerateDecoderOnlyOutput):
     abstained: (B,) True for rows ended by abstention; abstain_step: (B,) index of the forced
         EOS among the generated tokens, -1 where none.
     thresholds: (B,) the thresholds used.
+    prompt_risk: (B,) risk of the last prompt state, which decides abstention at step 0 (abstain mode).
     """
 
     value_scores: torch.Tensor | None = None
@@ -48,6 +49,7 @@ class ValueSteerOutput(GenerateDecoderOnlyOutput):
     abstained: torch.Tensor | None = None
     abstain_step: torch.Tensor | None = None
     thresholds: torch.Tensor | None = None
+    prompt_risk: torch.Tensor | None = None
 
 
 def output_embedding_logits(model: Any, hidden: torch.Tensor) -> torch.Tensor:
@@ -97,8 +99,9 @@ def _check_prompt_lengths(
     """
     if input_ids.shape[1] == 0:
         raise ValueError(
-            "the prompt is empty: value steering needs at least one token to start from. Pass the BOS token "
-            "(tokenizer('', return_tensors='pt') adds it) or a chat template."
+            "the prompt is empty: value steering needs at least one token to start from. Start from a token: "
+            "the BOS token where the model has one (not every tokenizer adds it to an empty string: SmolLM2's "
+            "does not), or a chat template."
         )
     if prefix_mask is not None:
         real = prefix_mask.long().sum(-1)  # (B,) real tokens per row, cache included
@@ -291,6 +294,7 @@ def _steered_loop(
     prefix_mask = prefix_mask.to(input_ids.device)
     unfinished = torch.ones(batch, dtype=torch.bool, device=input_ids.device)
     abstain_pending = torch.zeros(batch, dtype=torch.bool, device=feature_device)
+    prompt_risk = None
     if steer.mode == "abstain":  # the last prompt state decides the first token
         prompt_risk = head.p(capture.hidden)  # (B,)
         policy.refuse_non_finite(prompt_risk, "the last prompt token")
@@ -381,4 +385,5 @@ def _steered_loop(
         abstained=abstained if steer.mode == "abstain" else None,
         abstain_step=abstain_step if steer.mode == "abstain" else None,
         thresholds=thresholds,
+        prompt_risk=prompt_risk,
     )

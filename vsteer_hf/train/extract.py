@@ -15,27 +15,15 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
-import torch
-from tqdm.auto import tqdm
-
 from vsteer_hf.config import ValueSteerConfig
 from vsteer_hf.eval.prompts import PromptRecord, split_of
 from vsteer_hf.head import ValueHead
 from vsteer_hf.hf.enable import ValueSteerMixin, enable_value_steer
+from vsteer_hf.sampling import prompt_text, sample_in_batches
 from vsteer_hf.train.features import FeatureCache, FeatureCacheWriter
 
 GENERATIONS_FILE = "generations.jsonl"
-
-
-def prompt_text(tokenizer: Any, text: str, chat: bool) -> str:
-    """The string fed to the model: raw continuation, or the user turn wrapped in the chat template."""
-    if not chat:
-        return text
-    if tokenizer.chat_template is None:
-        raise ValueError("chat=True but the tokenizer has no chat template; use chat=False for raw continuation.")
-    return tokenizer.apply_chat_template(
-        [{"role": "user", "content": text}], tokenize=False, add_generation_prompt=True
-    )
+__all__ = ["GENERATIONS_FILE", "extract_features", "label_cache", "prompt_text"]  # prompt_text: moved, still here
 
 
 def extract_features(
@@ -89,32 +77,28 @@ def extract_features(
         "seed": seed,
     }
     jobs = [(p, s) for p in prompts for s in range(samples_per_prompt)]
-    device = model.device
     with FeatureCacheWriter(folder, hidden_size, meta=meta) as writer:
         todo = [(p, s) for p, s in jobs if not writer.has((p.id, s))]
-        bar = tqdm(total=len(todo), desc="extract", unit="seq", disable=not progress)
+        batches = sample_in_batches(
+            model,
+            tokenizer,
+            todo,
+            batch_seed=lambda _index, batch: seed * 1_000_003 + _stable_int(batch[0][0].id) + batch[0][1],
+            batch_size=batch_size,
+            max_new_tokens=max_new_tokens,
+            top_p=top_p,
+            temperature=temperature,
+            chat=chat,
+            value_steer=steer,
+            progress=progress,
+            desc="extract",
+        )
         with open(folder / GENERATIONS_FILE, "a", encoding="utf-8") as generations:
-            for start in range(0, len(todo), batch_size):
-                batch = todo[start : start + batch_size]
-                texts = [prompt_text(tokenizer, p.text, chat) for p, _ in batch]
-                inputs = tokenizer(texts, return_tensors="pt", padding=True, add_special_tokens=not chat).to(device)
-                first, first_sample = batch[0]
-                torch.manual_seed(seed * 1_000_003 + _stable_int(first.id) + first_sample)
-                out = model.generate(
-                    **inputs,
-                    do_sample=True,
-                    top_p=top_p,
-                    temperature=temperature,
-                    top_k=0,
-                    max_new_tokens=max_new_tokens,
-                    pad_token_id=tokenizer.pad_token_id,
-                    return_dict_in_generate=True,
-                    value_steer=steer,
-                )
-                prompt_len = inputs["input_ids"].shape[1]
-                for row, (record, sample) in enumerate(batch):
+            for sampled in batches:
+                out = sampled.output
+                for row, (record, sample) in enumerate(sampled.jobs):
                     live = ~out.value_scores[row].isnan()  # committed tokens, EOS included
-                    ids = out.sequences[row, prompt_len:][live]
+                    ids = out.sequences[row, sampled.prompt_len :][live]
                     text = tokenizer.decode(ids, skip_special_tokens=True)
                     entry = {
                         "prompt_id": record.id,
@@ -129,8 +113,6 @@ def extract_features(
                     writer.add(out.features[row][live].cpu(), entry)
                     generations.write(json.dumps(entry) + "\n")
                 generations.flush()
-                bar.update(len(batch))
-        bar.close()
     return FeatureCache(folder)
 
 
