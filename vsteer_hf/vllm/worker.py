@@ -1,4 +1,4 @@
-"""Worker extension for offline `LLM`: installs the value head on any architecture over `collective_rpc`.
+"""Workers: the abstention extension (installs the head over `collective_rpc`) and `ValueSteerWorker` (VFD).
 
     llm = LLM(model, worker_extension_cls="vsteer_hf.vllm.worker.ValueSteerWorkerExtension",
               additional_config={"abstain": {"value_head_path": ..., "threshold": 0.3}})
@@ -17,7 +17,7 @@ from vsteer_hf.vllm.settings import enabled_sections, steering_from_additional_c
 
 
 class ValueSteerWorkerExtension:
-    """`collective_rpc` methods: install or swap the head, and hand VFD probe results back."""
+    """`collective_rpc` methods for abstention: install or swap the head."""
 
     vllm_config: Any  # the worker's; `get_model()` is the worker's too (no stub: vLLM refuses name clashes)
 
@@ -51,6 +51,61 @@ class ValueSteerWorkerExtension:
         install_hook(model, channel_for(self.vllm_config), head, hidden_size)
         return {"hidden_size": head.hidden_size, "card_threshold": head.card.threshold}
 
-    def vsteer_take_vfd_probes(self) -> dict[str, dict[str, Any]]:
-        """The VFD probe results recorded since the last call (tag -> risk, candidates, probs)."""
-        return channel_for(self.vllm_config).take_probes()
+
+def _platform_worker() -> type:
+    """vLLM's worker class for this machine (CPU or GPU), the base `ValueSteerWorker` extends."""
+    from vllm.platforms import current_platform
+
+    if current_platform.is_cpu():
+        from vllm.v1.worker.cpu_worker import CPUWorker
+
+        return CPUWorker
+    from vllm.v1.worker.gpu_worker import Worker
+
+    return Worker
+
+
+class ValueSteerWorker(_platform_worker()):  # type: ignore[misc]
+    """vLLM worker whose model runner does VFD in the engine: `LLM(worker_cls=...)` / `--worker-cls`.
+
+    Configured by `additional_config={"vfd": {...}}`; per-request `SamplingParams.extra_args`
+    `vfd_threshold` / `vfd_alpha`. Per-token risks and flags: `collective_rpc("vsteer_take_records")`.
+    """
+
+    def init_device(self) -> None:
+        check_engine_supports_vfd(self.vllm_config, getattr(self, "use_v2_model_runner", False))
+        super().init_device()
+        from vsteer_hf.vllm.runner import steered_runner_class
+
+        runner = self.model_runner
+        runner.__class__ = steered_runner_class(type(runner))
+        runner.vsteer_setup()
+
+    def vsteer_take_records(self) -> dict[str, dict[str, Any]]:
+        """Per-token `value_scores` and `interventions` of the requests recorded so far, handed over once."""
+        return self.model_runner.vsteer_take_records()
+
+    def vsteer_record_hidden(self, on: bool = True) -> None:
+        """Also keep each committed token's candidate post-norm state (for tests; costs memory)."""
+        self.model_runner._vsteer_record_hidden = bool(on)
+
+
+def check_engine_supports_vfd(vllm_config: Any, uses_v2_runner: bool) -> None:
+    """Refuse engine settings in-engine VFD cannot honour, each with its fix."""
+    if uses_v2_runner:
+        raise ValueError(
+            "ValueSteerWorker patches vLLM's V1 model runner, but this engine uses the V2 runner; "
+            "start it with VLLM_USE_V2_MODEL_RUNNER=0."
+        )
+    if vllm_config.speculative_config is not None:
+        raise ValueError(
+            "VFD commits one of K candidates per step and cannot ride speculative decoding; "
+            "start the engine without speculative_config / --speculative-config."
+        )
+    if vllm_config.scheduler_config.async_scheduling:
+        raise ValueError(
+            "VFD replaces the sampled token before it is returned, which async scheduling does not allow; "
+            "start the engine with async_scheduling=False (--no-async-scheduling)."
+        )
+    if vllm_config.parallel_config.world_size > 1:
+        raise ValueError("in-engine VFD runs on one worker; use tensor_parallel_size=1 and pipeline_parallel_size=1.")
