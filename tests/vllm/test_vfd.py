@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import re
+
 import pytest
 import torch
 from engine_helpers import close_engine, engine_kwargs, make_head, prompts, tiny_model
@@ -241,3 +243,47 @@ def test_engine_settings_vfd_cannot_honour_are_refused(change, uses_v2, message)
         async_scheduling=False)}), uses_v2_runner=False)
     with pytest.raises(ValueError, match=message):
         check_engine_supports_vfd(config, uses_v2_runner=uses_v2)
+
+
+def test_an_engine_without_the_admission_check_fails_at_start(model_folder, steering_head):
+    from vllm import LLM
+
+    from vsteer_hf.vllm import VFD_WORKER
+
+    vfd = {"value_head_path": str(steering_head), "threshold": 0.5, "num_candidates": K}
+    with pytest.raises(Exception, match=re.escape("--logits-processors vsteer_hf.vllm.admission:VFDAdmissionCheck")):
+        LLM(model=str(model_folder), worker_cls=VFD_WORKER, additional_config={"vfd": vfd},
+            **{**engine_kwargs(), "async_scheduling": False})
+
+
+@pytest.mark.parametrize(
+    ("setting", "named"),
+    [
+        ({"repetition_penalty": 1.3}, "repetition_penalty=1.3"),
+        ({"min_p": 0.1}, "min_p=0.1"),
+        ({"logit_bias": {5: 2.0}}, "logit_bias"),
+        ({"logprobs": 2}, "logprobs=2"),
+        ({"min_tokens": 3}, "min_tokens=3"),
+        ({"extra_args": {"vfd_threshold": 1.5}}, "outside"),
+    ],
+)
+def test_requests_vfd_cannot_honour_are_refused_at_admission(llm, setting, named):
+    from vllm import SamplingParams
+
+    params = SamplingParams(max_tokens=4, temperature=1.0, seed=0, **setting)  # greedy resets min_p itself
+    with pytest.raises(Exception, match=re.escape(named)):
+        llm.generate([{"prompt_token_ids": [5, 6, 7]}], params, use_tqdm=False)
+    # the engine still serves a request it can honour
+    out = llm.generate([{"prompt_token_ids": [5, 6, 7]}], SamplingParams(max_tokens=4, temperature=0.0),
+                       use_tqdm=False)
+    assert out[0].outputs[0].token_ids and out[0].outputs[0].finish_reason in ("stop", "length")
+
+
+def test_unsupported_vfd_settings_lists_only_what_changed():
+    from vllm import SamplingParams
+
+    from vsteer_hf.vllm.admission import unsupported_vfd_settings
+
+    assert unsupported_vfd_settings(SamplingParams(temperature=0.7, top_p=0.9, top_k=5, seed=1)) == []
+    found = unsupported_vfd_settings(SamplingParams(presence_penalty=0.5, bad_words=["x"]))
+    assert found == ["presence_penalty=0.5", "bad_words=['x']"]

@@ -76,7 +76,13 @@ def steered_llm(model: str, *, abstain: dict | None = None, vfd: dict | None = N
         if llm_kwargs.get("worker_cls") not in (None, VFD_WORKER):
             raise ValueError(f"steered_llm(vfd=...) sets worker_cls={VFD_WORKER!r}; drop yours.")
         llm_kwargs.setdefault("async_scheduling", False)
-        return vllm.LLM(model=model, worker_cls=VFD_WORKER, additional_config=additional, **llm_kwargs)
+        from vsteer_hf.vllm.admission import ADMISSION_PROCESSOR
+
+        checks = list(llm_kwargs.pop("logits_processors", None) or [])
+        checks += [ADMISSION_PROCESSOR] if ADMISSION_PROCESSOR not in checks else []
+        return vllm.LLM(
+            model=model, worker_cls=VFD_WORKER, additional_config=additional, logits_processors=checks, **llm_kwargs
+        )
     if llm_kwargs.get("worker_extension_cls") not in (None, WORKER_EXTENSION):
         raise ValueError(f"steered_llm sets worker_extension_cls={WORKER_EXTENSION!r}; drop yours.")
     processors = list(llm_kwargs.pop("logits_processors", None) or [])

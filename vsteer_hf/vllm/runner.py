@@ -83,6 +83,14 @@ class ValueSteerRunnerMixin:
         head = steering.config.load_head()
         check_head_matches(head, self.vllm_config.model_config.get_hidden_size(), where="the vLLM model (hidden size)")
         steering.config.risk_direction(head)  # VFD refuses a head that scores a value
+        from vsteer_hf.vllm.admission import ADMISSION_PROCESSOR, has_admission_check
+
+        if not has_admission_check(self.vllm_config.model_config.logits_processors):
+            raise ValueError(
+                "ValueSteerWorker needs its admission check, which refuses request settings VFD cannot honour "
+                f"(penalties, min_p, logit_bias, logprobs, ...): pass --logits-processors {ADMISSION_PROCESSOR} "
+                f"(LLM(logits_processors=[{ADMISSION_PROCESSOR!r}])), or build the engine with steered_llm(vfd=...)."
+            )
         self._vsteer = steering
         self._vsteer_head = head
         self._vsteer_k = steering.config.candidates_per_step
