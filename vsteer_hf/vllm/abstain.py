@@ -19,7 +19,7 @@ from vllm.v1.sample.logits_processor import BatchUpdate, LogitsProcessor, MoveDi
 
 from vsteer_hf import policy
 from vsteer_hf.vllm.channel import channel_for
-from vsteer_hf.vllm.settings import check_probability, steering_from_additional_config
+from vsteer_hf.vllm.settings import check_request_args, steering_from_additional_config
 
 if TYPE_CHECKING:
     from vllm.config import VllmConfig
@@ -55,13 +55,10 @@ class ValueAbstentionLogitsProcessor(LogitsProcessor):
     @classmethod
     def validate_params(cls, sampling_params: SamplingParams) -> None:
         """Reject bad per-request thresholds at admission (a 400 for `vllm serve`)."""
-        args = sampling_params.extra_args or {}
-        for key in ("abstain_threshold", "abstain_alpha"):
-            if args.get(key) is not None:
-                try:
-                    check_probability(args[key], f"extra_args[{key!r}]")
-                except ValueError as err:
-                    raise VLLMValidationError(str(err)) from None
+        try:
+            check_request_args(sampling_params.extra_args, "abstain")
+        except ValueError as err:
+            raise VLLMValidationError(str(err)) from None
 
     def is_argmax_invariant(self) -> bool:
         return False  # forcing EOS changes greedy picks too

@@ -18,7 +18,7 @@ from vllm import SamplingParams
 from vllm.exceptions import VLLMValidationError
 from vllm.v1.sample.logits_processor import BatchUpdate, LogitsProcessor
 
-from vsteer_hf.vllm.settings import check_probability
+from vsteer_hf.vllm.settings import check_request_args
 
 if TYPE_CHECKING:
     from vllm.config import VllmConfig
@@ -60,13 +60,10 @@ class VFDAdmissionCheck(LogitsProcessor):
                 f"value-filtered decoding cannot honour {', '.join(problems)}: its candidates come from the "
                 "logits warped by temperature/top-k/top-p only. Drop these settings for steered requests."
             )
-        args = sampling_params.extra_args or {}
-        for key in ("vfd_threshold", "vfd_alpha"):
-            if args.get(key) is not None:
-                try:
-                    check_probability(args[key], f"extra_args[{key!r}]")
-                except ValueError as err:
-                    raise VLLMValidationError(str(err)) from None
+        try:
+            check_request_args(sampling_params.extra_args, "vfd")
+        except ValueError as err:
+            raise VLLMValidationError(str(err)) from None
 
     def is_argmax_invariant(self) -> bool:
         return True

@@ -150,3 +150,11 @@ def _card_threshold(kwargs: dict[str, Any], mode: str) -> float:
             "add e.g. 'threshold': 0.3, or 'alpha': 0.1 for a head with a calibrated ĉ(α) curve."
         )
     return float(card_threshold)
+
+
+def check_request_args(extra_args: Mapping[str, Any] | None, mode: str) -> None:
+    """The per-request `<mode>_threshold` / `<mode>_alpha` of `SamplingParams.extra_args`, checked at admission."""
+    args = extra_args or {}
+    for key in (f"{mode}_threshold", f"{mode}_alpha"):
+        if args.get(key) is not None:
+            check_probability(args[key], f"extra_args[{key!r}]")
