@@ -78,15 +78,13 @@ def steered_llm(model: str, *, abstain: dict | None = None, vfd: dict | None = N
         llm_kwargs.setdefault("async_scheduling", False)
         from vsteer_hf.vllm.admission import ADMISSION_PROCESSOR
 
-        checks = list(llm_kwargs.pop("logits_processors", None) or [])
-        checks += [ADMISSION_PROCESSOR] if ADMISSION_PROCESSOR not in checks else []
+        checks = _with_processors(llm_kwargs, (ADMISSION_PROCESSOR,))
         return vllm.LLM(
             model=model, worker_cls=VFD_WORKER, additional_config=additional, logits_processors=checks, **llm_kwargs
         )
     if llm_kwargs.get("worker_extension_cls") not in (None, WORKER_EXTENSION):
         raise ValueError(f"steered_llm sets worker_extension_cls={WORKER_EXTENSION!r}; drop yours.")
-    processors = list(llm_kwargs.pop("logits_processors", None) or [])
-    processors += [p for p in LOGITS_PROCESSORS if p not in processors]
+    processors = _with_processors(llm_kwargs, LOGITS_PROCESSORS)
     llm = vllm.LLM(
         model=model,
         worker_extension_cls=WORKER_EXTENSION,
@@ -96,6 +94,12 @@ def steered_llm(model: str, *, abstain: dict | None = None, vfd: dict | None = N
     )
     llm.collective_rpc("vsteer_install_value_head")
     return llm
+
+
+def _with_processors(llm_kwargs: dict, required: tuple[str, ...]) -> list:
+    """The caller's `logits_processors` (taken out of `llm_kwargs`) plus those `required` not already there."""
+    processors = list(llm_kwargs.pop("logits_processors", None) or [])
+    return processors + [p for p in required if p not in processors]
 
 
 def take_vfd_records(llm: Any, outputs: Any) -> list[dict[str, Any]]:

@@ -77,9 +77,8 @@ class VFDAdmissionCheck(LogitsProcessor):
 
 def has_admission_check(processors: Any) -> bool:
     """Whether an engine's configured logits processors (names or classes) include the VFD admission check."""
-    for proc in processors or ():
-        if proc is VFDAdmissionCheck or proc == ADMISSION_PROCESSOR:
-            return True
-        if isinstance(proc, str) and proc.replace(":", ".") == ADMISSION_PROCESSOR.replace(":", "."):
-            return True
-    return False
+    dotted = ADMISSION_PROCESSOR.replace(":", ".")
+    return any(
+        proc is VFDAdmissionCheck or (isinstance(proc, str) and proc.replace(":", ".") == dotted)
+        for proc in processors or ()
+    )
