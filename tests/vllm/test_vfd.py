@@ -94,8 +94,11 @@ def test_never_intervening_greedy_equals_plain_vllm(llm, plain):
     arrive_at = [0, 0, 3, 5, 9, 14, 2]
     preempted = _count_preemptions(llm)
     expected = _staggered(plain, token_prompts, _params(), arrive_at)
+    llm.collective_rpc("vsteer_take_forward_counts")
     steered = _staggered(llm, token_prompts, _params(extra_args=NEVER), arrive_at)
+    counts = llm.collective_rpc("vsteer_take_forward_counts")[0]
     assert steered == expected
+    assert counts["skipped"] > 0 and counts["full"] > 0, counts  # both paths ran
     assert all(len(t) == LONG for t in steered)
     assert preempted[0] > 0, "the test needs the scheduler to preempt"
     records = llm.collective_rpc("vsteer_take_records")[0]
@@ -166,35 +169,57 @@ def test_seeded_sampling_equals_transformers_step_by_step(llm):
     _assert_matches(llm, outs, reference)
 
 
-def test_winner_state_equals_the_next_pass_state(llm):
-    """The candidate pass's state for the committed token equals the one vLLM computes when it feeds that token."""
+def _capture_compute_logits_inputs(worker, on, captured):
+    model = worker.model_runner.model
+    if on:
+        original = type(model).compute_logits
+
+        def compute_logits(hidden_states, *args, **kwargs):
+            captured.append(hidden_states.detach().clone())
+            return original(model, hidden_states, *args, **kwargs)
+
+        model.compute_logits = compute_logits
+    else:
+        del model.compute_logits
+
+
+def test_winner_state_equals_plain_vllm_state(llm, plain):
+    """Each committed token's candidate-pass state equals the one plain vLLM computes when it feeds that token.
+
+    With one pass, the VFD engine's own next step reuses that state, so the reference is another engine.
+    """
     captured: list[torch.Tensor] = []
-
-    def hook(worker, on):
-        model = worker.model_runner.model
-        if on:
-            original = type(model).compute_logits
-
-            def compute_logits(hidden_states, *args, **kwargs):
-                captured.append(hidden_states.detach().clone())
-                return original(model, hidden_states, *args, **kwargs)
-
-            model.compute_logits = compute_logits
-        else:
-            del model.compute_logits
-        worker.vsteer_record_hidden(on)
-
-    llm.collective_rpc(hook, args=(True,))
+    params = _params(36, extra_args=NEVER)
+    plain.collective_rpc(_capture_compute_logits_inputs, args=(True, captured))
     try:
-        outs = llm.generate([{"prompt_token_ids": prompts()[2]}], _params(36, extra_args=NEVER), use_tqdm=False)
-        records = llm.collective_rpc("vsteer_take_records")[0]
+        expected = plain.generate([{"prompt_token_ids": prompts()[2]}], _params(36), use_tqdm=False)
     finally:
-        llm.collective_rpc(hook, args=(False,))
-    (record,) = records.values()
+        plain.collective_rpc(_capture_compute_logits_inputs, args=(False, captured))
+    llm.collective_rpc("vsteer_record_hidden", args=(True,))
+    try:
+        outs = llm.generate([{"prompt_token_ids": prompts()[2]}], params, use_tqdm=False)
+        (record,) = llm.collective_rpc("vsteer_take_records")[0].values()
+    finally:
+        llm.collective_rpc("vsteer_record_hidden", args=(False,))
+    assert list(outs[0].outputs[0].token_ids) == list(expected[0].outputs[0].token_ids)
     winners = record["hidden"]  # (T, H): state of committed token t
-    next_pass = torch.cat(captured)[1:]  # step t+1 feeds token t
-    assert len(outs[0].outputs[0].token_ids) == 36 and winners.shape[0] == 36
-    torch.testing.assert_close(winners[:-1], next_pass[: winners.shape[0] - 1], atol=1e-5, rtol=1e-5)
+    next_pass = torch.cat(captured)[1:]  # plain step t+1 feeds token t
+    assert winners.shape[0] == 36 and next_pass.shape[0] == 35
+    torch.testing.assert_close(winners[:-1], next_pass, atol=1e-5, rtol=1e-5)
+
+
+def test_one_pass_skips_every_pure_decode_forward(llm, plain):
+    """Four requests arriving together (8 of the 9 KV blocks: no preemption): one full forward (the prefill),
+    then every decode step reuses the candidate pass, crossing the 32-token block on the way; the tokens
+    still equal plain vLLM's."""
+    batch = [{"prompt_token_ids": p} for p in prompts()[:4]]
+    llm.collective_rpc("vsteer_take_forward_counts")
+    outs = llm.generate(batch, _params(LONG, extra_args=NEVER), use_tqdm=False)
+    counts = llm.collective_rpc("vsteer_take_forward_counts")[0]
+    llm.collective_rpc("vsteer_take_records")
+    expected = plain.generate(batch, _params(LONG), use_tqdm=False)
+    assert [o.outputs[0].token_ids for o in outs] == [o.outputs[0].token_ids for o in expected]
+    assert counts == {"skipped": LONG - 1, "full": 1}
 
 
 @pytest.mark.parametrize(

@@ -1,20 +1,24 @@
 """VFD inside vLLM's V1 model runner: one mixin shared by the CPU and GPU runner classes.
 
-Two passes per token (the design that ships): vLLM runs its own step, whose logits give each
-request K candidates (its warped distribution and seeded generator; greedy: the K most probable
-tokens in order). Then one extra forward of R·K single-token candidate rows against each request's
-own paged prefix: each row attends to the request's real blocks plus a private scratch copy of its
-partly filled tail block, so the real cache is never written. The shared `ValueHead` scores the
-rows' post-norm states, `vsteer_hf.policy` picks a winner per request, and the winner replaces the
-token vLLM's sampler drew. The next ordinary step feeds the winner and writes its KV for real.
+One model forward per token (the design that ships). Step t: from each request's logits the runner
+takes K candidates (its warped distribution and seeded generator; greedy: the K most probable tokens
+in order) and runs one forward of R·K single-token candidate rows against each request's own paged
+prefix: each row attends to the request's real blocks plus a private scratch copy of its partly
+filled tail block. The shared `ValueHead` scores the rows' post-norm states, `vsteer_hf.policy` picks
+a winner per request, and the winner replaces the token vLLM's sampler drew. The winner's KV is
+committed at once (its scratch block, a copy of the real tail block plus the winner's slot, is copied
+back whole; a winner that opens a new block waits in a holding block), and its post-norm state is
+kept. Step t+1: when every scheduled row is such a pending winner (a pure-decode batch, nothing new,
+resumed or chunked), vLLM's model forward is skipped: the winners' states are returned as its output,
+so vLLM's own logits, sampler and bookkeeping run unchanged. Any other batch takes the full forward,
+so correctness never depends on pending state.
 
-Scratch blocks live past the scheduler's `num_blocks` in the same KV allocation: the runner grows
-the allocation and its strides before vLLM allocates, and the scheduler never hands them out.
+Scratch and holding blocks live past the scheduler's `num_blocks` in the same KV allocation
+(`kv_blocks.py`); the scheduler never hands them out.
 """
 
 from __future__ import annotations
 
-from copy import deepcopy
 from dataclasses import dataclass, field
 from functools import cache
 from typing import Any
@@ -23,10 +27,11 @@ import torch
 
 from vsteer_hf import policy
 from vsteer_hf.head import check_head_matches
+from vsteer_hf.vllm.kv_blocks import check_block_views, copy_blocks, grow_kv_cache_config, zero_blocks
 from vsteer_hf.vllm.sampling import GREEDY_EPS, warped_probs
 from vsteer_hf.vllm.settings import EngineSteering, request_threshold, steering_from_additional_config
 
-MAX_CANDIDATE_REQUESTS = 64  # requests per candidate forward; scratch blocks = this x K
+MAX_CANDIDATE_REQUESTS = 64  # requests per candidate forward; extra blocks = this x (K scratch + 1 holding)
 
 
 @dataclass
@@ -38,31 +43,14 @@ class RequestRecord:
     hidden: list[torch.Tensor] | None = None  # winners' post-norm states, when recording is on
 
 
-def grow_kv_cache_config(kv_cache_config: Any, extra_blocks: int) -> Any:
-    """A copy of vLLM's `KVCacheConfig` with `extra_blocks` more blocks, strides and sizes recomputed.
+@dataclass
+class PendingWinner:
+    """A committed token whose KV and post-norm state the candidate pass already computed."""
 
-    All layers share one allocation addressed as `offset + layer * layer_stride + block * block_stride`;
-    growing only `num_blocks` would make layer-outermost layouts overlap, so their layer stride grows too.
-    """
-    grown = deepcopy(kv_cache_config)
-    old, new = kv_cache_config.num_blocks, kv_cache_config.num_blocks + extra_blocks
-    for tensor in grown.kv_cache_tensors:
-        if tensor.host_resident:
-            raise ValueError("VFD scratch blocks do not support host-resident KV caches; turn hisparse off.")
-        layers = len(tensor.layers)
-        if tensor.layer_stride == tensor.block_stride * old:  # layer-outermost
-            tensor.layer_stride = tensor.block_stride * new
-            needed = tensor.offset + layers * tensor.layer_stride
-        else:  # block-outermost: a block packs every layer's page
-            needed = tensor.offset + (layers - 1) * tensor.layer_stride + tensor.block_stride * new
-        tensor.size = max(needed, tensor.size * new // old)
-    sizes = {tensor.size for tensor in grown.kv_cache_tensors}
-    if len(sizes) > 1:
-        top = max(sizes)
-        for tensor in grown.kv_cache_tensors:
-            tensor.size = top
-    grown.num_blocks = new
-    return grown
+    token: int
+    position: int
+    hidden: torch.Tensor  # (H,) the state vLLM's next forward would compute for this token
+    held_block: int | None  # holding block with its KV (it opens a new block); None: already in the real block
 
 
 class ValueSteerRunnerMixin:
@@ -96,7 +84,11 @@ class ValueSteerRunnerMixin:
         self._vsteer_k = steering.config.candidates_per_step
         self._vsteer_default = steering.default_threshold()
         self._vsteer_chunk = min(int(self.vllm_config.scheduler_config.max_num_seqs), MAX_CANDIDATE_REQUESTS)
-        self._vsteer_scratch_first = -1
+        self._vsteer_scratch_first = -1  # K scratch blocks per chunk row, then one holding block per chunk row
+        self._vsteer_pending: dict[str, PendingWinner] = {}
+        self._vsteer_held = 0  # holding blocks used by this step's winners
+        self._vsteer_forwards = {"skipped": 0, "full": 0}
+        self._vsteer_step_input: Any = None  # the scheduler output while execute_model runs
         self._vsteer_records: dict[str, RequestRecord] = {}
         self._vsteer_generators: dict[str, torch.Generator] = {}
         self._vsteer_thresholds: dict[str, float] = {}
@@ -112,13 +104,76 @@ class ValueSteerRunnerMixin:
                 f"this model has {len(kv_cache_config.kv_cache_groups)}."
             )
         self._vsteer_scratch_first = kv_cache_config.num_blocks
-        grown = grow_kv_cache_config(kv_cache_config, self._vsteer_chunk * self._vsteer_k)
+        extra = self._vsteer_chunk * (self._vsteer_k + 1)
+        grown = grow_kv_cache_config(self.vllm_config, kv_cache_config, extra)
         super().initialize_kv_cache(grown, *args, **kwargs)  # type: ignore[misc]
         if self._kernel_block_sizes[0] != self.cache_config.block_size:  # type: ignore[attr-defined]
             raise ValueError(
                 f"VFD needs the attention kernel's block size ({self._kernel_block_sizes[0]}) to equal the KV "  # type: ignore[attr-defined]
                 f"manager's ({self.cache_config.block_size}); pick block_size={self._kernel_block_sizes[0]}."  # type: ignore[attr-defined]
             )
+        check_block_views(self.kv_caches, grown.num_blocks)  # type: ignore[attr-defined]
+
+    # --- one pass: the forward of a batch of pending winners is already done ---------------------
+
+    def execute_model(self, scheduler_output: Any, *args: Any, **kwargs: Any) -> Any:
+        self._vsteer_step_input = scheduler_output
+        try:
+            return super().execute_model(scheduler_output, *args, **kwargs)  # type: ignore[misc]
+        finally:
+            self._vsteer_step_input = None
+
+    def _model_forward(
+        self, input_ids: torch.Tensor | None = None, positions: torch.Tensor | None = None, **kwargs: Any
+    ) -> Any:
+        scheduled = self._vsteer_step_input
+        if scheduled is None:  # warm-up and profiling runs
+            return super()._model_forward(input_ids=input_ids, positions=positions, **kwargs)  # type: ignore[misc]
+        winners = self._vsteer_pending_batch(scheduled, input_ids, positions, kwargs)
+        self._vsteer_pending = {}  # whichever way this step goes, the next candidate pass sets new ones
+        if winners is None:
+            self._vsteer_forwards["full"] += 1
+            return super()._model_forward(input_ids=input_ids, positions=positions, **kwargs)  # type: ignore[misc]
+        self._vsteer_forwards["skipped"] += 1
+        return self._vsteer_reuse(winners, int(input_ids.shape[0]))  # type: ignore[union-attr]
+
+    def _vsteer_pending_batch(
+        self, scheduled: Any, input_ids: torch.Tensor | None, positions: torch.Tensor | None, kwargs: dict
+    ) -> list[PendingWinner] | None:
+        """The pending winner of every scheduled row, in batch order, or None if any row is anything else."""
+        if input_ids is None or positions is None or positions.dim() != 1 or kwargs.get("inputs_embeds") is not None:
+            return None
+        if kwargs.get("intermediate_tensors") is not None or scheduled.scheduled_new_reqs:
+            return None
+        num_reqs = self.input_batch.num_reqs
+        if scheduled.total_num_scheduled_tokens != num_reqs or scheduled.scheduled_spec_decode_tokens:
+            return None
+        resumed = scheduled.scheduled_cached_reqs.resumed_req_ids
+        winners = []
+        for req_id in self.input_batch.req_ids[:num_reqs]:
+            winner = self._vsteer_pending.get(req_id)
+            if winner is None or req_id in resumed or scheduled.num_scheduled_tokens.get(req_id) != 1:
+                return None
+            winners.append(winner)
+        tokens, places = input_ids[:num_reqs].tolist(), positions[:num_reqs].tolist()
+        if any(w.token != t or w.position != p for w, t, p in zip(winners, tokens, places, strict=True)):
+            return None
+        return winners
+
+    def _vsteer_reuse(self, winners: list[PendingWinner], num_tokens: int) -> torch.Tensor:
+        """Move held KV into the blocks the scheduler just allocated; return the winners' states (num_tokens, H)."""
+        block_size = self.cache_config.block_size  # type: ignore[attr-defined]
+        table = self.input_batch.block_table[0].block_table.cpu
+        held = [(row, w) for row, w in enumerate(winners) if w.held_block is not None]
+        copy_blocks(
+            self.kv_caches,  # type: ignore[attr-defined]
+            [w.held_block for _, w in held],  # type: ignore[misc]
+            [int(table[row, w.position // block_size]) for row, w in held],
+        )
+        hidden = torch.stack([w.hidden for w in winners])  # (R, H)
+        if num_tokens > len(winners):  # padded batch
+            hidden = torch.cat([hidden, hidden.new_zeros(num_tokens - len(winners), hidden.shape[1])])
+        return hidden
 
     # --- the step ----------------------------------------------------------------------------------
 
@@ -153,6 +208,7 @@ class ValueSteerRunnerMixin:
         if not rows:
             return None
         all_rows, all_tokens = [], []
+        self._vsteer_held = 0  # holding blocks used this step
         for start in range(0, len(rows), self._vsteer_chunk):
             chunk = rows[start : start + self._vsteer_chunk]
             all_rows.append(torch.tensor(chunk, dtype=torch.long))
@@ -168,7 +224,7 @@ class ValueSteerRunnerMixin:
         row_logits = logits[rows].float()  # (R, V)
         candidates, probs = self._vsteer_candidates(row_logits, req_ids, params)  # (R, K)
         seq_lens = self.optimistic_seq_lens_cpu[rows].to(torch.long)  # (R,) tokens in KV after this step  # type: ignore[attr-defined]
-        hidden = self._vsteer_forward(candidates, rows, seq_lens)  # (R*K, H)
+        hidden, scratch = self._vsteer_forward(candidates, rows, seq_lens)  # (R*K, H), (R, K) block ids
         risks = self._vsteer_head.placed(hidden.device).p(hidden).view(len(rows), k)  # (R, K)
         policy.refuse_non_finite(risks, "a VFD candidate")
         thresholds = torch.tensor([self._vsteer_threshold(r, p) for r, p in zip(req_ids, params, strict=True)])
@@ -183,14 +239,45 @@ class ValueSteerRunnerMixin:
         tokens = policy.gather_selected(candidates, winner.to(candidates.device))  # (R,)
         winner_risk = policy.gather_selected(risks, winner).tolist()
         changed = policy.intervened(candidates, tokens).tolist()
+        winner_hidden = hidden.view(len(rows), k, -1)[torch.arange(len(rows)), winner.to(hidden.device)]  # (R, H)
+        self._vsteer_commit(req_ids, rows, tokens.tolist(), seq_lens, scratch, winner.tolist(), winner_hidden)
         for i, req_id in enumerate(req_ids):
             record = self._vsteer_records.setdefault(req_id, RequestRecord())
             record.value_scores.append(float(winner_risk[i]))
             record.interventions.append(bool(changed[i]))
             if self._vsteer_record_hidden:
                 record.hidden = record.hidden or []
-                record.hidden.append(hidden.view(len(rows), k, -1)[i, int(winner[i])].detach().cpu().clone())
+                record.hidden.append(winner_hidden[i].detach().cpu().clone())
         return tokens.to(logits.device)
+
+    def _vsteer_commit(
+        self, req_ids: list[str], rows: list[int], tokens: list[int], seq_lens: torch.Tensor,
+        scratch: torch.Tensor, winner: list[int], winner_hidden: torch.Tensor,
+    ) -> None:
+        """Put each winner's KV where the next step finds it (before the next chunk reuses the scratch blocks).
+
+        A winner inside a partly filled block: its scratch block (that block plus the winner's slot) is
+        copied back whole into the real block. A winner opening a new block: the scheduler allocates that
+        block only next step, so its scratch block goes to a holding block; none left, it is not pending.
+        """
+        block_size = self.cache_config.block_size  # type: ignore[attr-defined]
+        tables = self.input_batch.block_table[0].block_table.cpu
+        hold_first = self._vsteer_scratch_first + self._vsteer_chunk * self._vsteer_k
+        src, dst = [], []
+        for i, req_id in enumerate(req_ids):
+            position = int(seq_lens[i])
+            held: int | None = None
+            if position % block_size:
+                dst.append(int(tables[rows[i], position // block_size]))
+            elif self._vsteer_held < self._vsteer_chunk:
+                held = hold_first + self._vsteer_held
+                self._vsteer_held += 1
+                dst.append(held)
+            else:
+                continue
+            src.append(int(scratch[i, winner[i]]))
+            self._vsteer_pending[req_id] = PendingWinner(tokens[i], position, winner_hidden[i], held)
+        copy_blocks(self.kv_caches, src, dst)  # type: ignore[attr-defined]
 
     def _vsteer_threshold(self, req_id: str, params: Any) -> float:
         if req_id not in self._vsteer_thresholds:
@@ -225,8 +312,11 @@ class ValueSteerRunnerMixin:
             self._vsteer_generators[req_id] = gen
         return gen
 
-    def _vsteer_forward(self, candidates: torch.Tensor, rows: list[int], seq_lens: torch.Tensor) -> torch.Tensor:
-        """Post-norm states (R*K, H) of every candidate fed at position seq_len, against the request's prefix."""
+    def _vsteer_forward(
+        self, candidates: torch.Tensor, rows: list[int], seq_lens: torch.Tensor
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """Post-norm states (R*K, H) of every candidate fed at position seq_len, against the request's prefix,
+        and the (R, K) scratch blocks holding each candidate's KV."""
         from vllm.forward_context import set_forward_context
         from vllm.v1.attention.backend import CommonAttentionMetadata
 
@@ -244,10 +334,13 @@ class ValueSteerRunnerMixin:
             table[i, :, : int(tail[i])] = tables[i, : int(tail[i])]
             table[i, :, int(tail[i])] = scratch[i]
         copy_rows = (offset > 0).nonzero().flatten()
-        if len(copy_rows):  # private copies of partly filled tail blocks (whole blocks: layout-independent)
-            src = tables[copy_rows, tail[copy_rows]].to(torch.long).repeat_interleave(k)
-            dst = scratch[copy_rows].flatten()
-            self._vsteer_copy_blocks(src.to(device), dst.to(device))
+        # private copies of partly filled tail blocks; a candidate opening a block gets a zeroed one, as vLLM's own
+        copy_blocks(
+            self.kv_caches,  # type: ignore[attr-defined]
+            tables[copy_rows, tail[copy_rows]].to(torch.long).repeat_interleave(k).tolist(),
+            scratch[copy_rows].flatten().tolist(),
+        )
+        zero_blocks(self.kv_caches, scratch[(offset == 0).nonzero().flatten()].flatten().tolist())  # type: ignore[attr-defined]
         slots = (scratch * block_size + offset[:, None]).flatten().to(torch.int64)
         positions = seq_lens.repeat_interleave(k)
         cm = CommonAttentionMetadata(
@@ -276,17 +369,14 @@ class ValueSteerRunnerMixin:
             hidden = self.model(  # type: ignore[attr-defined]
                 input_ids=candidates.flatten().to(device), positions=positions.to(device)
             )
-        return hidden
-
-    def _vsteer_copy_blocks(self, src: torch.Tensor, dst: torch.Tensor) -> None:
-        seen: set[int] = set()
-        for cache_tensor in self.kv_caches:  # type: ignore[attr-defined]
-            if cache_tensor.data_ptr() in seen:
-                continue
-            seen.add(cache_tensor.data_ptr())
-            cache_tensor[dst] = cache_tensor[src]
+        return hidden, scratch
 
     # --- results -----------------------------------------------------------------------------------
+
+    def vsteer_take_forward_counts(self) -> dict[str, int]:
+        """Model forwards since the last call: `skipped` (one pass: the candidate pass had done them) and `full`."""
+        counts, self._vsteer_forwards = self._vsteer_forwards, {"skipped": 0, "full": 0}
+        return counts
 
     def vsteer_take_records(self) -> dict[str, dict[str, Any]]:
         """Per-token risks and intervention flags of every request recorded so far, handed over once.
@@ -309,4 +399,4 @@ def steered_runner_class(base: type) -> type:
     return type(f"ValueSteer{base.__name__}", (ValueSteerRunnerMixin, base), {"__module__": __name__})
 
 
-__all__ = ["EngineSteering", "RequestRecord", "ValueSteerRunnerMixin", "grow_kv_cache_config", "steered_runner_class"]
+__all__ = ["EngineSteering", "PendingWinner", "RequestRecord", "ValueSteerRunnerMixin", "steered_runner_class"]

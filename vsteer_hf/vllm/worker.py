@@ -85,6 +85,10 @@ class ValueSteerWorker(_platform_worker()):  # type: ignore[misc]
         """Per-token `value_scores` and `interventions` of the requests recorded so far, handed over once."""
         return self.model_runner.vsteer_take_records()
 
+    def vsteer_take_forward_counts(self) -> dict[str, int]:
+        """Model forwards since the last call: `skipped` (the candidate pass had done them) and `full`."""
+        return self.model_runner.vsteer_take_forward_counts()
+
     def vsteer_record_hidden(self, on: bool = True) -> None:
         """Also keep each committed token's candidate post-norm state (for tests; costs memory)."""
         self.model_runner._vsteer_record_hidden = bool(on)
