@@ -9,6 +9,7 @@ import socket
 import subprocess
 import sys
 import time
+import urllib.error
 import urllib.request
 
 import pytest
@@ -24,13 +25,27 @@ def _free_port() -> int:
         return s.getsockname()[1]
 
 
-def _post(port: int, body: dict) -> dict:
+def _post(port: int, body: dict, route: str = "/v1/completions") -> dict:
     request = urllib.request.Request(
-        f"http://127.0.0.1:{port}/v1/completions", data=json.dumps(body).encode(),
+        f"http://127.0.0.1:{port}{route}", data=json.dumps(body).encode(),
         headers={"Content-Type": "application/json"},
     )
     with urllib.request.urlopen(request, timeout=120) as response:
         return json.loads(response.read())
+
+
+def _endpoint_plugin_dist(folder) -> str:
+    """A folder whose distribution declares the records route under `vllm.endpoint_plugins`, as an install of
+    this package does (the test environment's vsteer-hf may be an editable install made before the entry point)."""
+    from vsteer_hf.vllm.records_endpoint import PLUGIN_NAME
+
+    dist = folder / "vsteer_hf_records_route-0.dist-info"
+    dist.mkdir(parents=True)
+    (dist / "METADATA").write_text("Metadata-Version: 2.1\nName: vsteer-hf-records-route\nVersion: 0\n")
+    (dist / "entry_points.txt").write_text(
+        f"[vllm.endpoint_plugins]\n{PLUGIN_NAME} = vsteer_hf.vllm.records_endpoint:VFDRecordsEndpoint\n"
+    )
+    return str(folder)
 
 
 @pytest.fixture(scope="module")
@@ -55,9 +70,11 @@ def server(model_folder, head_folder, tmp_path_factory):
         "--max-num-batched-tokens", str(kw["max_num_batched_tokens"]),
     ]
     log = tmp_path_factory.mktemp("serve") / "server.log"
+    env = dict(os.environ, VLLM_PLUGINS="vsteer_hf,vsteer_vfd_records")
+    paths = [_endpoint_plugin_dist(tmp_path_factory.mktemp("dist")), *sys.path]
+    env["PYTHONPATH"] = os.pathsep.join(p for p in paths if p)
     with open(log, "wb") as sink:
-        proc = subprocess.Popen(cmd, stdout=sink, stderr=subprocess.STDOUT, env=dict(os.environ),
-                                start_new_session=True)
+        proc = subprocess.Popen(cmd, stdout=sink, stderr=subprocess.STDOUT, env=env, start_new_session=True)
     try:
         deadline = time.monotonic() + START_TIMEOUT_S
         while True:
@@ -81,7 +98,13 @@ def server(model_folder, head_folder, tmp_path_factory):
     assert proc.returncode is not None
 
 
-def test_served_completions_equal_the_offline_engine(server, llm):  # noqa: F811  (the fixture)
+def test_served_completions_and_records_equal_the_offline_engine(server, llm):  # noqa: F811  (the fixture)
+    """Texts, and per-token risks and flags from POST /v1/vfd_records, equal the offline engine's."""
+    import torch
+
+    from vsteer_hf.vllm import take_vfd_records
+    from vsteer_hf.vllm.records_endpoint import RECORDS_ROUTE
+
     new = 20
     threshold = _median_threshold(new)
     ids = prompts()
@@ -92,8 +115,21 @@ def test_served_completions_equal_the_offline_engine(server, llm):  # noqa: F811
                 "ignore_eos": True}
         if extra is not None:
             body["vllm_xargs"] = extra
-        served = sorted(_post(server, body)["choices"], key=lambda c: c["index"])
+        response = _post(server, body)
+        served = sorted(response["choices"], key=lambda c: c["index"])
         assert [c["text"] for c in served] == [o.outputs[0].text for o in offline]
         texts[json.dumps(extra)] = [c["text"] for c in served]
+
+        records = _post(server, {"id": response["id"]}, RECORDS_ROUTE)
+        assert records["id"] == response["id"] and [c["index"] for c in records["choices"]] == list(range(len(ids)))
+        for choice, expected in zip(records["choices"], take_vfd_records(llm, offline), strict=True):
+            assert choice["interventions"] == expected["interventions"]
+            torch.testing.assert_close(torch.tensor(choice["value_scores"]), torch.tensor(expected["value_scores"]),
+                                       atol=1e-4, rtol=1e-4)
+        if extra != NEVER:
+            assert any(any(c["interventions"]) for c in records["choices"]), "the served records must show steering"
+        with pytest.raises(urllib.error.HTTPError, match="404"):  # handed over once
+            _post(server, {"id": response["id"]}, RECORDS_ROUTE)
     assert texts[json.dumps(NEVER)] != texts[json.dumps({"vfd_threshold": threshold})], "the server must steer"
-    llm.collective_rpc("vsteer_take_records")  # drop the offline records
+    with pytest.raises(urllib.error.HTTPError, match="400"):
+        _post(server, {"request": "cmpl-x"}, RECORDS_ROUTE)

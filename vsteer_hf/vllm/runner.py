@@ -31,6 +31,7 @@ from vsteer_hf.vllm.kv_blocks import check_block_views, copy_blocks, grow_kv_cac
 from vsteer_hf.vllm.sampling import GREEDY_EPS, warped_probs
 from vsteer_hf.vllm.settings import EngineSteering, request_threshold, steering_from_additional_config
 
+MAX_UNCLAIMED_RECORDS = 20_000  # finished requests' records kept for take_vfd_records / the HTTP route; oldest go
 MAX_CANDIDATE_REQUESTS = 64  # requests per candidate forward; extra blocks = this x (K scratch + 1 holding)
 
 
@@ -204,6 +205,9 @@ class ValueSteerRunnerMixin:
         for gone in [r for r in self._vsteer_generators if r not in live_ids and r not in self.requests]:
             self._vsteer_generators.pop(gone, None)
             self._vsteer_thresholds.pop(gone, None)
+        if len(self._vsteer_records) > MAX_UNCLAIMED_RECORDS:  # a server whose clients never fetch them
+            for old in [r for r in self._vsteer_records if r not in self.requests][: MAX_UNCLAIMED_RECORDS // 10]:
+                del self._vsteer_records[old]
         rows = [i for i in range(num_reqs) if not discard[i]]
         if not rows:
             return None
@@ -378,13 +382,18 @@ class ValueSteerRunnerMixin:
         counts, self._vsteer_forwards = self._vsteer_forwards, {"skipped": 0, "full": 0}
         return counts
 
-    def vsteer_take_records(self) -> dict[str, dict[str, Any]]:
-        """Per-token risks and intervention flags of every request recorded so far, handed over once.
+    def vsteer_take_records(self, request_id: str | None = None) -> dict[str, dict[str, Any]]:
+        """Per-token risks and intervention flags recorded so far, handed over once: all, or those of the
+        front-end id `request_id` (engine ids `request_id` or `request_id-...`).
 
         Call it when the requests are done (after `LLM.generate` returns): a running request's record
         would continue in a fresh one.
         """
-        records, self._vsteer_records = self._vsteer_records, {}
+        if request_id is None:
+            records, self._vsteer_records = self._vsteer_records, {}
+        else:
+            ids = [r for r in self._vsteer_records if r == request_id or r.startswith(f"{request_id}-")]
+            records = {r: self._vsteer_records.pop(r) for r in ids}
         taken = {}
         for req_id, record in records.items():
             taken[req_id] = {"value_scores": record.value_scores, "interventions": record.interventions}

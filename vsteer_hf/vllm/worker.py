@@ -81,9 +81,10 @@ class ValueSteerWorker(_platform_worker()):  # type: ignore[misc]
         runner.__class__ = steered_runner_class(type(runner))
         runner.vsteer_setup()
 
-    def vsteer_take_records(self) -> dict[str, dict[str, Any]]:
-        """Per-token `value_scores` and `interventions` of the requests recorded so far, handed over once."""
-        return self.model_runner.vsteer_take_records()
+    def vsteer_take_records(self, request_id: str | None = None) -> dict[str, dict[str, Any]]:
+        """Per-token `value_scores` and `interventions` recorded so far (all, or of front-end id `request_id`),
+        handed over once; `POST /v1/vfd_records` (records_endpoint.py) serves them over HTTP."""
+        return self.model_runner.vsteer_take_records(request_id)
 
     def vsteer_take_forward_counts(self) -> dict[str, int]:
         """Model forwards since the last call: `skipped` (the candidate pass had done them) and `full`."""
