@@ -6,8 +6,10 @@ decoding, `ignore_eos`; tokens/s counts the tokens generated. One engine per met
 all built first; then the repeats run interleaved across methods and batch sizes, so load drifts hit all
 alike. VFD rows run twice on the same engine: per-request `vfd_threshold` 1.0 (never intervenes) and a
 threshold at which the head (random, bias 0) refuses candidate 0 at a realistic rate (the measured rate is
-reported). "step / plain step @R*K" compares a VFD step of R requests with a plain step of R*K requests.
-The machine's load (/proc/pressure/cpu, loadavg) is recorded before and after.
+reported). "step / plain step @R*K" compares a VFD step of R requests with a plain step of R*K requests
+(extra plain runs at R*K rows; one pass should sit near 1.0x). "skipped" is the share of VFD model forwards
+the one-pass path skipped. The machine's load (/proc/pressure/cpu, loadavg) is recorded before, after, and
+after every repeat round.
 
 Run in the vLLM environment (.ci/run-vllm builds one):
     HF_HUB_OFFLINE=1 VLLM_CPU_KVCACHE_SPACE=1 VLLM_ENABLE_V1_MULTIPROCESSING=0 \\
@@ -33,7 +35,7 @@ from typing import Any
 
 RESULTS_DIR = Path(__file__).resolve().parent / "results"
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from bench_decode import MODELS, SEED  # noqa: E402  (same model as the transformers benchmark)
+from decode_setup import MODELS, SEED  # noqa: E402  (same model as the transformers benchmark)
 
 MODEL_CONFIG: dict[str, Any] = MODELS["llama-50m"][1]
 
@@ -74,7 +76,8 @@ def build_engine(section: str | None, settings: dict[str, Any], model_dir: Path,
 
     from vsteer_hf.vllm import steered_llm
 
-    engine_kwargs = dict(dtype="float32", enforce_eager=True, block_size=32, max_model_len=2048, seed=SEED)
+    engine_kwargs = dict(dtype="float32", enforce_eager=True, block_size=32, max_model_len=2048, seed=SEED,
+                         max_num_seqs=256)
     if section is None:
         return LLM(model=str(model_dir), async_scheduling=False, **engine_kwargs)
     return steered_llm(str(model_dir), **{section: {"value_head_path": str(head_dir), **settings}}, **engine_kwargs)
@@ -102,6 +105,8 @@ def time_run(llm: Any, section: str | None, batch: int, threshold: float | None,
     if section == "vfd":
         flags = [f for r in take_vfd_records(llm, outs) for f in r["interventions"]]
         run["intervention_rate"] = sum(flags) / max(len(flags), 1)
+        counts = llm.collective_rpc("vsteer_take_forward_counts")[0]
+        run["skipped_forwards"] = counts["skipped"] / max(counts["skipped"] + counts["full"], 1)
     return run
 
 
@@ -136,18 +141,21 @@ def markdown(rows: list[dict[str, Any]], args: argparse.Namespace, env: dict[str
         f"prompt {args.prompt}, {args.new_tokens} new tokens, greedy, median of {args.repeats} interleaved repeats; "
         f"load before: {loads[0]['loadavg']} ({loads[0]['cpu_pressure']}); after: {loads[1]['loadavg']}.",
         "",
-        "| method | head | batch | tokens/s | × plain | intervened | step / plain step @R*K |",
-        "|---|---|---:|---:|---:|---:|---:|",
+        "| method | head | batch | tokens/s | × plain | intervened | skipped forwards | step / plain step @R*K |",
+        "|---|---|---:|---:|---:|---:|---:|---:|",
     ]
     for row in rows:
+        if row["batch"] not in args.batches:
+            continue  # plain runs at R*K rows only feed the last column
         ratio = row["tokens_per_s"] / plain[row["batch"]]
         k = row.get("k")
         wide = plain.get(row["batch"] * k) if k else None
         # step time = batch / tokens_per_s; a plain step of R*K rows = R*K / plain tokens/s at batch R*K
         step_ratio = f"{(row['batch'] / row['tokens_per_s']) / (row['batch'] * k / wide):.2f}x" if wide else "-"
         rate = f"{row['intervention_rate']:.0%}" if "intervention_rate" in row else "-"
+        skipped = f"{row['skipped_forwards']:.0%}" if "skipped_forwards" in row else "-"
         lines.append(f"| {row['method']} | {row['head']} | {row['batch']} | {row['tokens_per_s']:.1f} | {ratio:.2f}x | "
-                     f"{rate} | {step_ratio} |")
+                     f"{rate} | {skipped} | {step_ratio} |")
     return "\n".join(lines) + "\n"
 
 
@@ -178,16 +186,22 @@ def main(argv: list[str] | None = None) -> int:
         cells = []  # (label, section, k, head, threshold, batch, llm)
         for label, section, settings, llm in engines:
             heads = [("never", 1.0), ("intervening", INTERVENING_THRESHOLD)] if section == "vfd" else [("-", None)]
+            batches = list(args.batches)
+            if section is None:  # plain steps at R*K rows, for the step-time ratio
+                ks = [e[2]["num_candidates"] for e in ENGINES if e[1] == "vfd"]
+                batches += sorted({b * k for b in args.batches for k in ks} - set(args.batches))
             for head, threshold in heads:
-                for batch in args.batches:
+                for batch in batches:
                     cells.append((label, section, settings.get("num_candidates"), head, threshold, batch, llm))
         g = torch.Generator().manual_seed(SEED)
         for cell in cells:  # warm-up
             time_run(cell[6], cell[1], cell[5], cell[4], args, g)
         runs: list[list[dict[str, Any]]] = [[] for _ in cells]
+        rounds = []
         for _ in range(args.repeats):
             for i, cell in enumerate(cells):
                 runs[i].append(time_run(cell[6], cell[1], cell[5], cell[4], args, g))
+            rounds.append(load())
         loads.append(load())
         rows = []
         for cell, cell_runs in zip(cells, runs, strict=True):
@@ -197,6 +211,7 @@ def main(argv: list[str] | None = None) -> int:
                    "runs": cell_runs}
             if section == "vfd":
                 row["intervention_rate"] = statistics.mean(r["intervention_rate"] for r in cell_runs)
+                row["skipped_forwards"] = statistics.mean(r["skipped_forwards"] for r in cell_runs)
             rows.append(row)
         del engines, cells
         gc.collect()
@@ -209,6 +224,7 @@ def main(argv: list[str] | None = None) -> int:
         "settings": {k: (str(v) if isinstance(v, Path) else v) for k, v in vars(args).items()},
         "environment": env,
         "load": loads,
+        "load_after_each_round": rounds,
         "rows": rows,
     }
     out.with_suffix(".json").write_text(json.dumps(record, indent=2) + "\n", encoding="utf-8")
