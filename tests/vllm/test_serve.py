@@ -34,18 +34,14 @@ def _post(port: int, body: dict, route: str = "/v1/completions") -> dict:
         return json.loads(response.read())
 
 
-def _endpoint_plugin_dist(folder) -> str:
-    """A folder whose distribution declares the records route under `vllm.endpoint_plugins`, as an install of
-    this package does (the test environment's vsteer-hf may be an editable install made before the entry point)."""
+def _require_route_entry_point() -> None:
+    """The server finds the records route through this package's `vllm.endpoint_plugins` entry point."""
+    from importlib.metadata import entry_points
+
     from vsteer_hf.vllm.records_endpoint import PLUGIN_NAME
 
-    dist = folder / "vsteer_hf_records_route-0.dist-info"
-    dist.mkdir(parents=True)
-    (dist / "METADATA").write_text("Metadata-Version: 2.1\nName: vsteer-hf-records-route\nVersion: 0\n")
-    (dist / "entry_points.txt").write_text(
-        f"[vllm.endpoint_plugins]\n{PLUGIN_NAME} = vsteer_hf.vllm.records_endpoint:VFDRecordsEndpoint\n"
-    )
-    return str(folder)
+    if PLUGIN_NAME not in {e.name for e in entry_points(group="vllm.endpoint_plugins")}:
+        pytest.fail(f"the {PLUGIN_NAME} entry point is not installed: reinstall the package (pip install -e .)")
 
 
 @pytest.fixture(scope="module")
@@ -70,9 +66,8 @@ def server(model_folder, head_folder, tmp_path_factory):
         "--max-num-batched-tokens", str(kw["max_num_batched_tokens"]),
     ]
     log = tmp_path_factory.mktemp("serve") / "server.log"
+    _require_route_entry_point()
     env = dict(os.environ, VLLM_PLUGINS="vsteer_hf,vsteer_vfd_records")
-    paths = [_endpoint_plugin_dist(tmp_path_factory.mktemp("dist")), *sys.path]
-    env["PYTHONPATH"] = os.pathsep.join(p for p in paths if p)
     with open(log, "wb") as sink:
         proc = subprocess.Popen(cmd, stdout=sink, stderr=subprocess.STDOUT, env=env, start_new_session=True)
     try:
