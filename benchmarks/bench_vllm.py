@@ -12,7 +12,7 @@ the one-pass path skipped. The machine's load (/proc/pressure/cpu, loadavg) is r
 after every repeat round.
 
 Run in the vLLM environment (.ci/run-vllm builds one):
-    HF_HUB_OFFLINE=1 VLLM_CPU_KVCACHE_SPACE=1 VLLM_ENABLE_V1_MULTIPROCESSING=0 \\
+    HF_HUB_OFFLINE=1 VLLM_CPU_KVCACHE_SPACE=3 VLLM_ENABLE_V1_MULTIPROCESSING=0 \\
         python benchmarks/bench_vllm.py                 # writes benchmarks/results/bench_vllm.{md,json}
     python benchmarks/bench_vllm.py --quick             # smoke test, writes bench_vllm.quick.*
 """
@@ -173,7 +173,7 @@ def main(argv: list[str] | None = None) -> int:
         args.prompt, args.batches, args.new_tokens, args.repeats = 16, [2], 8, 1
     os.environ["OMP_NUM_THREADS"] = str(args.threads)
     os.environ.setdefault("VLLM_ENABLE_V1_MULTIPROCESSING", "0")
-    os.environ.setdefault("VLLM_CPU_KVCACHE_SPACE", "1")
+    os.environ.setdefault("VLLM_CPU_KVCACHE_SPACE", "3")  # GiB per engine: plain at 256 rows needs ~1.3
     out = args.out or RESULTS_DIR / ("bench_vllm.quick.md" if args.quick else "bench_vllm.md")
     env = environment()
     import torch
