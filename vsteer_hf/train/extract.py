@@ -34,6 +34,7 @@ def extract_features(
     directory: str | os.PathLike,
     *,
     samples_per_prompt: int = 4,
+    first_sample: int = 0,
     max_new_tokens: int = 32,
     batch_size: int = 32,
     head: ValueHead | None = None,
@@ -52,6 +53,8 @@ def extract_features(
     `seed` and its first item (`job_seed`), so a resumed run draws what an uninterrupted one would for
     that batch.
     Writes `features.f32` + `index.jsonl` (see `FeatureCacheWriter`) and a `generations.jsonl`.
+    Sample indices run from `first_sample`: a later on-policy round draws samples no earlier round
+    drew (new keys, new seeds), so the rounds' caches read as one without clashing.
     """
     if tokenizer.padding_side != "left":
         raise ValueError(
@@ -78,7 +81,11 @@ def extract_features(
         "chat": chat,
         "seed": seed,
     }
-    jobs = [(p, s) for p in prompts for s in range(samples_per_prompt)]
+    if num_candidates > 1:  # steered (on-policy) extraction; plain extraction's meta is unchanged
+        meta["threshold"] = threshold
+    if first_sample:
+        meta["first_sample"] = first_sample
+    jobs = [(p, s) for p in prompts for s in range(first_sample, first_sample + samples_per_prompt)]
     with FeatureCacheWriter(folder, hidden_size, meta=meta) as writer:
         todo = [(p, s) for p, s in jobs if not writer.has((p.id, s))]
         batches = sample_in_batches(
