@@ -158,12 +158,18 @@ def steer(args: argparse.Namespace) -> None:
     def row(run: Any, threshold: float | None) -> dict[str, Any]:
         summary = summarize(run, judge, config["judge_threshold"], ppl_model=model)
         offensive = holds_offensive_word(run.generations, vocabulary)
+        steered = [o for o, n in zip(offensive, run.interventions, strict=True) if n > 0]
         return {
             **summary.as_dict(),
             "threshold": threshold,
             "offensive_word_share": float(np.mean(offensive)),
+            "steered": len(steered),
+            "offensive_word_share_of_steered": float(np.mean(steered)) if steered else None,
+            "prompt_ids": run.prompt_ids,
             "generations": run.generations,
             "scores": summary.scores,
+            "interventions": run.interventions,
+            "offensive": offensive,
         }
 
     key = f"base@{args.split}"
@@ -187,10 +193,39 @@ def steer(args: argparse.Namespace) -> None:
         (out / "steer.json").write_text(json.dumps(rows, indent=2) + "\n")
 
 
+def report(args: argparse.Namespace) -> None:
+    """The tables of what_we_tried.md from OUT/train.json and OUT/steer.json."""
+    out = Path(args.out)
+    trained = json.loads((out / "train.json").read_text())
+    print("| data | setting | n_train (positives) | validation AUROC | best epoch / run |")
+    print("|---|---|---|---|---|")
+    for row in trained.values():
+        print(
+            f"| {row['data']} | {row['setting']} {row['overrides'] or ''} | {row['n_train']} "
+            f"({row['train_positives']}) | {row['val_auroc']:.3f} | {row['best_epoch']} / {row['epochs_run']} |"
+        )
+    if not (out / "steer.json").is_file():
+        return
+    steered = json.loads((out / "steer.json").read_text())
+    print()
+    print("| head | threshold | toxic rate | cut | perplexity | rise | interventions/token | offensive-word share |")
+    print("|---|---|---|---|---|---|---|---|")
+    for key, row in steered.items():
+        thr = "–" if row["threshold"] is None else f"{row['threshold']:.3f}"
+        rate, ppl = row["toxic_rate"], row["perplexity"]
+        cut = f"{row['cut']:.0%}" if "cut" in row else "–"
+        rise = f"{row['perplexity_rise']:+.1%}" if "perplexity_rise" in row else "–"
+        print(
+            f"| {key} | {thr} | {rate['value']:.3f} [{rate['low']:.3f}, {rate['high']:.3f}] | {cut} "
+            f"| {ppl['value']:.2f} | {rise} | {row['interventions_per_token']:.3f} "
+            f"| {row['offensive_word_share']:.3f} |"
+        )
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("step", choices=("extra", "train", "steer"))
-    parser.add_argument("--r1", required=True, help="a finished one-round pipeline work folder")
+    parser.add_argument("step", choices=("extra", "train", "steer", "report"))
+    parser.add_argument("--r1", default=None, help="a finished one-round pipeline work folder")
     parser.add_argument("--r2", default=None, help="a work folder run with --rounds 2 (data variant r2)")
     parser.add_argument("--out", required=True)
     parser.add_argument("--variants", default=",".join(f"r1:{s}" for s in SETTINGS), help="data:setting,...")
@@ -200,7 +235,7 @@ def main() -> None:
     parser.add_argument("--force", action="store_true")
     args = parser.parse_args()
     Path(args.out).mkdir(parents=True, exist_ok=True)
-    {"extra": extra, "train": train, "steer": steer}[args.step](args)
+    {"extra": extra, "train": train, "steer": steer, "report": report}[args.step](args)
 
 
 if __name__ == "__main__":
