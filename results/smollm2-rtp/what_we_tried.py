@@ -21,6 +21,7 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import json
+import shutil
 import time
 from pathlib import Path
 from typing import Any
@@ -95,21 +96,30 @@ def train(args: argparse.Namespace) -> None:
         name = f"{data}:{setting}"
         if name in rows and not args.force:
             continue
-        config = dataclasses.replace(TrainConfig(device="cpu"), **SETTINGS[setting])
-        union = UnionCache(_caches(args, data))
-        began = time.perf_counter()
-        result = train_value_head(union, config, progress=False)
-        result.head.save_pretrained(out / "heads" / name.replace(":", "-"))
+        pipeline_run = {"r1": args.r1, "r2": args.r2}.get(data) if setting == "default" else None
+        if pipeline_run and (Path(pipeline_run) / "train.json").is_file():  # the pipeline trained this one
+            report = json.loads((Path(pipeline_run) / "train.json").read_text())
+            shutil.copytree(Path(pipeline_run) / "head", out / "heads" / name.replace(":", "-"), dirs_exist_ok=True)
+            history, best_epoch, val_auroc = report["history"], report["best_epoch"], report["val_auroc"]
+            balance, seconds = report["class_balance"], None
+        else:
+            config = dataclasses.replace(TrainConfig(device="cpu"), **SETTINGS[setting])
+            began = time.perf_counter()
+            result = train_value_head(UnionCache(_caches(args, data)), config, progress=False)
+            result.head.save_pretrained(out / "heads" / name.replace(":", "-"))
+            history, best_epoch, val_auroc = result.history, result.best_epoch, result.val_auroc
+            balance, seconds = result.class_balance, round(time.perf_counter() - began, 1)
         rows[name] = {
             "data": data,
             "setting": setting,
             "overrides": SETTINGS[setting],
-            "val_auroc": result.val_auroc,
-            "best_epoch": result.best_epoch,
-            "epochs_run": len(result.history),
-            "n_train": result.class_balance["n_train"],
-            "train_positives": result.class_balance["train_positives"],
-            "seconds": round(time.perf_counter() - began, 1),
+            "val_auroc": val_auroc,
+            "best_epoch": best_epoch,
+            "epochs_run": len(history),
+            "n_train": balance["n_train"],
+            "train_positives": balance["train_positives"],
+            "seconds": seconds,
+            "from": f"{pipeline_run}/train.json" if pipeline_run else "trained here",
         }
         print(name, json.dumps(rows[name]), flush=True)
         (out / "train.json").write_text(json.dumps(rows, indent=2) + "\n")
