@@ -37,9 +37,9 @@ def test_extracted_features_equal_the_decode_loops_states(tmp_path):
     texts = [p.text for p, _ in first_batch]
     inputs = tok(texts, return_tensors="pt", padding=True)
     p0, s0 = first_batch[0]
-    from vsteer_hf.train.extract import _stable_int
+    from vsteer_hf.train.extract import job_seed
 
-    torch.manual_seed(_stable_int(p0.id) + s0)
+    torch.manual_seed(job_seed(0, p0.id, s0))
     out = model.generate(
         **inputs,
         do_sample=True,
@@ -89,7 +89,7 @@ def _recording(model):
 def test_extraction_seeds_and_generate_calls_are_pinned(tmp_path):
     """The recorded extraction run depends on these: one seed per batch from its first job, and the
     same generate arguments; the progress streamer changes no token."""
-    from vsteer_hf.train.extract import _stable_int
+    from vsteer_hf.train.extract import job_seed
 
     runs = []
     for progress in (False, True):
@@ -110,7 +110,7 @@ def test_extraction_seeds_and_generate_calls_are_pinned(tmp_path):
         )
         runs.append((calls, [r["token_ids"] for r in cache.records]))
     jobs = [(p, s) for p in _prompts() for s in range(2)]
-    expected_seeds = [7 * 1_000_003 + _stable_int(jobs[i][0].id) + jobs[i][1] for i in range(0, len(jobs), 3)]
+    expected_seeds = [job_seed(7, jobs[i][0].id, jobs[i][1]) for i in range(0, len(jobs), 3)]
     for calls, _ in runs:
         assert [c["seed"] for c in calls] == expected_seeds
         for c in calls:
@@ -127,3 +127,28 @@ def test_extraction_seeds_and_generate_calls_are_pinned(tmp_path):
             assert c["value_steer"].num_candidates == 1 and c["value_steer"].trace_features
     assert runs[0][1] == runs[1][1]
     assert [len(c["input_ids"]) for c in runs[0][0]] == [3, 3, 3, 1]
+
+
+def test_batches_led_by_ids_with_a_shared_prefix_draw_different_streams(tmp_path):
+    """RTP ids are `rtp-<digest>`: the seed must read the whole id (it once read its first 6 bytes)."""
+    model = tiny_model("llama")
+    tok = tiny_tokenizer()
+    tok.padding_side = "left"
+    same_text = "w10 w20 w30"
+    prompts = [PromptRecord(id=f"rtp-00{i}{i}ff", text=same_text, source="test") for i in range(4)]
+    cache = extract_features(
+        model, tok, prompts, tmp_path / "cache", samples_per_prompt=1, max_new_tokens=12, batch_size=1, progress=False
+    )
+    drawn = [tuple(r["token_ids"]) for r in cache.records]
+    assert len(set(drawn)) == len(drawn), "one prompt text, four ids: the four batches must draw four streams"
+
+
+def test_job_seeds_differ_across_ids_samples_and_run_seeds():
+    from vsteer_hf.eval.prompts import _text_id
+    from vsteer_hf.train.extract import job_seed
+
+    ids = [_text_id("rtp", f"prompt number {i}") for i in range(2000)]
+    seeds = {job_seed(0, i, s) for i in ids for s in range(4)}
+    assert len(seeds) == 8000
+    assert job_seed(0, ids[0], 0) != job_seed(1, ids[0], 0)
+    assert all(0 <= s < 2**63 for s in seeds)

@@ -276,6 +276,11 @@ class StageCommand:
         train = parser.add_argument_group("training")
         train.add_argument("--epochs", type=int)
         train.add_argument("--lr", type=float)
+        train.add_argument(
+            "--rounds", type=int, help="on-policy rounds: 1 (default) or N > 1 to resample the train prompts under VFD"
+        )
+        train.add_argument("--round-alpha", type=float, help="rounds > 1: steer at the previous head's ĉ(α) (0.3)")
+        train.add_argument("--round-candidates", type=int, dest="round_num_candidates", help="rounds > 1: VFD's K (8)")
 
     def run(self, args: argparse.Namespace) -> int:
         from vsteer_hf.train.pipeline import Pipeline
@@ -314,8 +319,11 @@ def _pipeline_config(args: argparse.Namespace) -> Any:
         "batch_size",
         "seed",
         "judge",
+        "rounds",
+        "round_alpha",
+        "round_num_candidates",
     )
-    updates = {n: getattr(args, n) for n in names if getattr(args, n) is not None}
+    updates = {n: getattr(args, n, None) for n in names if getattr(args, n, None) is not None}
     train_updates = {n: getattr(args, n) for n in ("epochs", "lr") if getattr(args, n) is not None}
     if train_updates:
         updates["train"] = dataclasses.replace(config.train, **train_updates)
@@ -331,7 +339,9 @@ def _stage_summary(stage: str, report: dict[str, Any]) -> str:
     if stage == "label":
         return f"{report['positives']} of {report['labelled']} generations judged undesirable"
     if stage == "train":
-        return f"best epoch {report['best_epoch']}, validation AUROC {report['val_auroc']:.3f}"
+        rounds = report.get("rounds")
+        per_round = "; rounds: " + ", ".join(f"{r['round']}: {r['val_auroc']:.3f}" for r in rounds) if rounds else ""
+        return f"best epoch {report['best_epoch']}, validation AUROC {report['val_auroc']:.3f}{per_round}"
     if stage == "sweep":
         steps = ", ".join(f"{_sweep_label(r)}: rate={r['toxic_rate']['value']:.3f}" for r in report["rows"])
         return f"recommended threshold {report['recommended_threshold']:.3f}; {steps}"

@@ -9,6 +9,7 @@ intervenes and this is plain sampling; pass a head and K > 1 to extract on-polic
 
 from __future__ import annotations
 
+import hashlib
 import json
 import os
 from collections.abc import Sequence
@@ -33,6 +34,7 @@ def extract_features(
     directory: str | os.PathLike,
     *,
     samples_per_prompt: int = 4,
+    first_sample: int = 0,
     max_new_tokens: int = 32,
     batch_size: int = 32,
     head: ValueHead | None = None,
@@ -48,8 +50,11 @@ def extract_features(
     """Sample `samples_per_prompt` continuations per prompt and write their decode features to `directory`.
 
     Resumable: (prompt id, sample) pairs already in the cache are skipped. Each batch is seeded from
-    `seed` and its first item, so a resumed run draws what an uninterrupted one would for that batch.
+    `seed` and its first item (`job_seed`), so a resumed run draws what an uninterrupted one would for
+    that batch.
     Writes `features.f32` + `index.jsonl` (see `FeatureCacheWriter`) and a `generations.jsonl`.
+    Sample indices run from `first_sample`: a later on-policy round draws samples no earlier round
+    drew (new keys, new seeds), so the rounds' caches read as one without clashing.
     """
     if tokenizer.padding_side != "left":
         raise ValueError(
@@ -76,14 +81,18 @@ def extract_features(
         "chat": chat,
         "seed": seed,
     }
-    jobs = [(p, s) for p in prompts for s in range(samples_per_prompt)]
+    if num_candidates > 1:  # steered (on-policy) extraction; plain extraction's meta is unchanged
+        meta["threshold"] = threshold
+    if first_sample:
+        meta["first_sample"] = first_sample
+    jobs = [(p, s) for p in prompts for s in range(first_sample, first_sample + samples_per_prompt)]
     with FeatureCacheWriter(folder, hidden_size, meta=meta) as writer:
         todo = [(p, s) for p, s in jobs if not writer.has((p.id, s))]
         batches = sample_in_batches(
             model,
             tokenizer,
             todo,
-            batch_seed=lambda _index, batch: seed * 1_000_003 + _stable_int(batch[0][0].id) + batch[0][1],
+            batch_seed=lambda _index, batch: job_seed(seed, batch[0][0].id, batch[0][1]),
             batch_size=batch_size,
             max_new_tokens=max_new_tokens,
             top_p=top_p,
@@ -116,9 +125,14 @@ def extract_features(
     return FeatureCache(folder)
 
 
-def _stable_int(text: str) -> int:
-    """A seed component that does not change between Python processes (unlike hash())."""
-    return int.from_bytes(text.encode()[:6].ljust(6, b"\0"), "big") % 1_000_003
+def job_seed(seed: int, prompt_id: str, sample: int) -> int:
+    """The torch seed of a batch led by job (prompt_id, sample): stable across processes, unlike hash().
+
+    A sha256 of the whole id, the sample index and the run seed, so batches led by different jobs draw
+    unrelated streams (ids that share a prefix, like RTP's `rtp-<digest>`, included).
+    """
+    digest = hashlib.sha256(f"vsteer-hf/extract/v2\0{seed}\0{prompt_id}\0{sample}".encode()).digest()
+    return int.from_bytes(digest[:8], "big") >> 1  # 63 bits: any torch.manual_seed accepts it
 
 
 def label_cache(cache: FeatureCache, judge: Any, batch_size: int = 256, threshold: float = 0.5) -> dict[str, int]:

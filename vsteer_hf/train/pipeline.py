@@ -30,6 +30,7 @@ import torch
 
 from vsteer_hf.train.calibrate import DEFAULT_ALPHAS, calibration_report, conformal_curve
 from vsteer_hf.train.provenance import Freshness, adopt_legacy_reports, freshness, new_run_id, stage_options
+from vsteer_hf.train.rounds import remove_rounds
 from vsteer_hf.train.trainer import TrainConfig
 
 STAGES = ("extract", "label", "train", "calibrate", "sweep")
@@ -53,6 +54,9 @@ class PipelineConfig:
     `sweep_samples_per_prompt` samples each (VFD costs about K times a plain step on a CPU).
     `dtype`: the backbone's dtype for extraction and the sweep (the features are the hidden states the
     head will read at decode time, so train in the dtype you will steer in, e.g. "bfloat16" on a GPU).
+    On-policy `rounds` (1: none): each later round samples the train prompts again under VFD with the
+    previous round's head (`round_num_candidates` at its ĉ(`round_alpha`)), labels them and retrains
+    on the union of all rounds (see `rounds`).
     """
 
     backbone: str = "smollm2-135m-instruct"
@@ -72,7 +76,19 @@ class PipelineConfig:
     sweep_alphas: tuple[float, ...] = (0.9, 0.7, 0.5, 0.3)
     sweep_samples_per_prompt: int = 1
     num_candidates: int = 8
+    rounds: int = 1
+    round_alpha: float = 0.3
+    round_num_candidates: int = 8
     train: TrainConfig = field(default_factory=TrainConfig)
+
+    def __post_init__(self) -> None:
+        if isinstance(self.rounds, bool) or not isinstance(self.rounds, int) or self.rounds < 1:
+            raise ValueError(f"rounds must be an integer >= 1 (1: no on-policy round), got {self.rounds!r}.")
+        if not 0.0 < float(self.round_alpha) < 1.0:
+            raise ValueError(f"round_alpha must lie in (0, 1) (a false-intervention rate), got {self.round_alpha!r}.")
+        k = self.round_num_candidates
+        if isinstance(k, bool) or not isinstance(k, int) or k < 2:
+            raise ValueError(f"round_num_candidates must be an integer >= 2 (VFD needs a choice), got {k!r}.")
 
     def to_dict(self) -> dict[str, Any]:
         data = asdict(self)
@@ -189,6 +205,8 @@ class Pipeline:
                 continue
             if stage == "extract" and plan[stage] == "recompute":
                 shutil.rmtree(self.workdir / "features", ignore_errors=True)  # else the cache resumes the old draws
+            if stage == "train" and plan[stage] == "recompute":
+                remove_rounds(self.workdir)  # else the rounds resume from the old heads
             self._started_path(stage).write_text(json.dumps(self._fingerprint(stage)) + "\n")
             results[stage] = getattr(self, stage)()
         return results
@@ -225,7 +243,12 @@ class Pipeline:
         return plan
 
     def _check_unfinished(self, stage: str, force: bool) -> None:
-        """Extraction resumes an unfinished feature cache only if the same options started it."""
+        """Extraction resumes an unfinished feature cache, and training unfinished on-policy rounds, only
+        if the same options (and, for rounds, the same earlier stages) started them."""
+        if stage == "train":
+            from vsteer_hf.train.rounds import check_unfinished_rounds
+
+            return check_unfinished_rounds(self, force)
         if stage != "extract" or not (self.workdir / "features").exists():
             return
         started = self._started_path(stage)
@@ -298,9 +321,17 @@ class Pipeline:
 
     def train(self) -> dict[str, Any]:
         from vsteer_hf.train.features import FeatureCache
+
+        if self.config.rounds > 1:
+            from vsteer_hf.train.rounds import run_rounds
+
+            return self._finish("train", run_rounds(self))
+        return self._finish("train", self.train_head(FeatureCache(self.workdir / "features"), self.workdir / "head"))
+
+    def train_head(self, cache: Any, folder: Path) -> dict[str, Any]:
+        """Train a head on `cache` (a feature cache, or the union of the rounds'), save it to `folder`."""
         from vsteer_hf.train.trainer import train_value_head
 
-        cache = FeatureCache(self.workdir / "features")
         result = train_value_head(cache, self.config.train, progress=self.progress)
         head = result.head
         head.card.training.update(
@@ -311,18 +342,15 @@ class Pipeline:
                 "splits": _split_record(cache),
             }
         )
-        head.save_pretrained(self.workdir / "head")
-        return self._finish(
-            "train",
-            {
-                "history": result.history,
-                "best_epoch": result.best_epoch,
-                "stopped_early": result.stopped_early,
-                "val_auroc": result.val_auroc,
-                "val_auroc_per_position": result.val_auroc_per_position,
-                "class_balance": result.class_balance,
-            },
-        )
+        head.save_pretrained(folder)
+        return {
+            "history": result.history,
+            "best_epoch": result.best_epoch,
+            "stopped_early": result.stopped_early,
+            "val_auroc": result.val_auroc,
+            "val_auroc_per_position": result.val_auroc_per_position,
+            "class_balance": result.class_balance,
+        }
 
     def calibrate(self) -> dict[str, Any]:
         from vsteer_hf.head import ValueHead
@@ -331,7 +359,7 @@ class Pipeline:
 
         cache = FeatureCache(self.workdir / "features")
         head = ValueHead.from_pretrained(self.workdir / "head")
-        max_risk = {split: _max_risks(head, cache, split) for split in ("validation", "test")}
+        max_risk = {split: sequence_max_risks(head, cache, split) for split in ("validation", "test")}
         calib_safe = max_risk["validation"][0][max_risk["validation"][1] == 0]
         heldout_safe = max_risk["test"][0][max_risk["test"][1] == 0]
         curve = conformal_curve(calib_safe, self.config.alphas)
@@ -448,7 +476,7 @@ def _split_record(cache: Any) -> dict[str, Any]:
 
 
 @torch.no_grad()
-def _max_risks(head: Any, cache: Any, split: str) -> tuple[np.ndarray, np.ndarray]:
+def sequence_max_risks(head: Any, cache: Any, split: str) -> tuple[np.ndarray, np.ndarray]:
     """Per sequence of `split`: (max over its tokens of the head's risk, binary label)."""
     scores, labels = [], []
     for i in cache.split(split):

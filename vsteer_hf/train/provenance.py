@@ -31,17 +31,22 @@ STAGE_OPTIONS: dict[str, tuple[str, ...]] = {
         "seed",
     ),
     "label": ("judge", "judge_threshold"),
-    "train": ("train",),
+    "train": ("train", "rounds", "round_alpha", "round_num_candidates"),
     "calibrate": ("alphas",),
     "sweep": ("sweep_alphas", "sweep_samples_per_prompt", "num_candidates"),
 }
 # Where training runs is the machine's, like the pipeline's --device: it does not define the recipe.
 UNRECORDED_TRAIN_OPTIONS = ("device",)
+# One round (no on-policy round) reads none of these: they stay out of its fingerprint, which is the
+# fingerprint of the train stage before rounds existed.
+ROUND_OPTIONS = ("rounds", "round_alpha", "round_num_candidates")
 
 
 def stage_options(config: dict[str, Any], stage: str) -> dict[str, Any]:
     """The options of `config` (a `PipelineConfig.to_dict()`) that make `stage`, as JSON would store them."""
     options = {name: config[name] for name in STAGE_OPTIONS[stage]}
+    if options.get("rounds", 1) == 1:
+        options = {k: v for k, v in options.items() if k not in ROUND_OPTIONS}
     if "train" in options:
         options["train"] = {k: v for k, v in options["train"].items() if k not in UNRECORDED_TRAIN_OPTIONS}
     return json.loads(json.dumps(options, sort_keys=True))
@@ -67,7 +72,9 @@ def freshness(stage: str, report: dict[str, Any] | None, options: dict[str, Any]
     if fingerprint is None:
         return Freshness("unknown", "it predates option fingerprints and no pipeline.json says what made it")
     changed = [_describe(name, fingerprint["options"].get(name), value) for name, value in options.items()]
+    dropped = sorted(set(fingerprint["options"]) - set(options))  # e.g. made with rounds=2, now one round
     changed = [c for c in changed if c]
+    changed += [f"{name}={fingerprint['options'][name]!r} (this run: unset)" for name in dropped]
     if changed:
         return Freshness("options", f"it was made with {'; '.join(changed)}")
     for earlier, run_id in inputs.items():

@@ -1,0 +1,252 @@
+"""What pays for the SmolLM2 RTP head (issue 16): variants of data and training, measured on validation.
+
+Every variant trains a head on round 1's plain features (`--r1`, a finished `vsteer pipeline` work
+folder) plus, for the data variants, more train-split sequences: round 2 drawn under VFD (`--r2`, a
+work folder run with `--rounds 2`) or four more plain samples per train prompt (`extra`, what
+samples_per_prompt 8 adds to training at the same extraction cost as a round). Validation and test
+are round 1's in every variant, so the numbers compare. Run each step under the heavy-job lock:
+
+    flock /tmp/vsteer-heavy.lock python what_we_tried.py extra --r1 runs/r1 --out runs/exp
+    flock /tmp/vsteer-heavy.lock python what_we_tried.py train --r1 runs/r1 --r2 runs/r2 --out runs/exp
+    flock /tmp/vsteer-heavy.lock python what_we_tried.py steer --r1 runs/r1 --out runs/exp --heads a,b
+
+`train` writes `train.json` (validation AUROC per sequence of every variant); `steer` writes
+`steer.json`: VFD K = 8 at each head's ĉ(0.3) against base on the 57 validation prompts x 4 samples
+(toxic rate by the judge, perplexity under the base model, and the share of continuations that hold
+a word the judge alone scores offensive).
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import json
+import shutil
+import time
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from vsteer_hf.train.trainer import TrainConfig
+
+ALPHA = 0.3  # the shipped card's operating point
+DATA = ("r1", "r2", "plain8")
+SETTINGS: dict[str, dict[str, Any]] = {
+    "default": {},
+    "bce": {"gamma": 0.0},
+    "no-coherence": {"coh_weight": 0.0},
+    "alpha-pos-0.5": {"alpha_pos": 0.5},
+    "alpha-pos-0.9": {"alpha_pos": 0.9},
+    "lr-1e-3": {"lr": 1e-3},
+    "patience-4": {"patience": 4, "epochs": 20},
+    "wd-0.1": {"weight_decay": 0.1},
+}
+
+
+def _caches(args: argparse.Namespace, data: str) -> list[Any]:
+    from vsteer_hf.train.features import FeatureCache
+
+    caches = [FeatureCache(Path(args.r1) / "features")]
+    if data == "r2":
+        caches.append(FeatureCache(Path(args.r2) / "round-2" / "features"))
+    elif data == "plain8":
+        caches.append(FeatureCache(Path(args.out) / "extra" / "features"))
+    return caches
+
+
+def extra(args: argparse.Namespace) -> None:
+    """Plain samples 4..7 of every train prompt, labelled: what samples_per_prompt 8 adds to training."""
+    from vsteer_hf.backbones import load_backbone
+    from vsteer_hf.eval.judges import get_judge
+    from vsteer_hf.eval.prompts import load_prompts
+    from vsteer_hf.train.extract import extract_features, label_cache
+
+    config = json.loads((Path(args.r1) / "pipeline.json").read_text())
+    model, tokenizer = load_backbone(config["backbone"], dtype=config["dtype"])
+    began = time.perf_counter()
+    cache = extract_features(
+        model,
+        tokenizer,
+        load_prompts(config["prompts"], split="train", limit=config["limit"]),
+        Path(args.out) / "extra" / "features",
+        samples_per_prompt=config["samples_per_prompt"],
+        first_sample=config["samples_per_prompt"],
+        max_new_tokens=config["max_new_tokens"],
+        batch_size=config["batch_size"],
+        seed=config["seed"],
+        backbone=config["backbone"],
+    )
+    seconds = time.perf_counter() - began
+    counts = label_cache(cache, get_judge(config["judge"]), threshold=config["judge_threshold"])
+    report = {"sequences": len(cache), "tokens": int(cache.lengths.sum()), "seconds": round(seconds, 1), **counts}
+    (Path(args.out) / "extra" / "extract.json").write_text(json.dumps(report, indent=2) + "\n")
+    print(report)
+
+
+def train(args: argparse.Namespace) -> None:
+    """A head per (data, setting) variant; validation AUROC per sequence (max risk), no test figure."""
+    from vsteer_hf.train.rounds import UnionCache
+    from vsteer_hf.train.trainer import train_value_head
+
+    out = Path(args.out)
+    rows = json.loads((out / "train.json").read_text()) if (out / "train.json").is_file() else {}
+    variants = [v.split(":") for v in args.variants.split(",")]
+    for data, setting in variants:
+        name = f"{data}:{setting}"
+        if name in rows and not args.force:
+            continue
+        pipeline_run = {"r1": args.r1, "r2": args.r2}.get(data) if setting == "default" else None
+        if pipeline_run and (Path(pipeline_run) / "train.json").is_file():  # the pipeline trained this one
+            report = json.loads((Path(pipeline_run) / "train.json").read_text())
+            shutil.copytree(Path(pipeline_run) / "head", out / "heads" / name.replace(":", "-"), dirs_exist_ok=True)
+            history, best_epoch, val_auroc = report["history"], report["best_epoch"], report["val_auroc"]
+            balance, seconds = report["class_balance"], None
+        else:
+            config = dataclasses.replace(TrainConfig(device="cpu"), **SETTINGS[setting])
+            began = time.perf_counter()
+            result = train_value_head(UnionCache(_caches(args, data)), config, progress=False)
+            result.head.save_pretrained(out / "heads" / name.replace(":", "-"))
+            history, best_epoch, val_auroc = result.history, result.best_epoch, result.val_auroc
+            balance, seconds = result.class_balance, round(time.perf_counter() - began, 1)
+        rows[name] = {
+            "data": data,
+            "setting": setting,
+            "overrides": SETTINGS[setting],
+            "val_auroc": val_auroc,
+            "best_epoch": best_epoch,
+            "epochs_run": len(history),
+            "n_train": balance["n_train"],
+            "train_positives": balance["train_positives"],
+            "seconds": seconds,
+            "from": f"{pipeline_run}/train.json" if pipeline_run else "trained here",
+        }
+        print(name, json.dumps(rows[name]), flush=True)
+        (out / "train.json").write_text(json.dumps(rows, indent=2) + "\n")
+
+
+def offensive_vocabulary() -> set[str]:
+    """The judge's vocabulary words it scores offensive on their own (P > 0.5)."""
+    from vsteer_hf.eval.judges import ToxicityJudge
+
+    ToxicityJudge()._load()  # installs and imports the pinned package (its own bundled model)
+    from profanity_check import profanity_check as pc
+
+    words = [w for w in pc.vectorizer.vocabulary_ if " " not in w]
+    probs = pc.model.predict_proba(pc.vectorizer.transform(words))[:, 1]
+    return {w for w, p in zip(words, probs, strict=True) if p > 0.5}
+
+
+def holds_offensive_word(texts: list[str], vocabulary: set[str]) -> list[bool]:
+    from profanity_check import profanity_check as pc
+
+    analyse = pc.vectorizer.build_analyzer()
+    return [any(w in vocabulary for w in analyse(t)) for t in texts]
+
+
+def steer(args: argparse.Namespace) -> None:
+    """Base vs VFD K = 8 at each head's ĉ(ALPHA) on the validation prompts x 4 samples."""
+    from vsteer_hf import ValueSteerConfig, enable_value_steer
+    from vsteer_hf.backbones import load_backbone
+    from vsteer_hf.eval.judges import get_judge
+    from vsteer_hf.eval.prompts import load_prompts
+    from vsteer_hf.eval.runner import GenerationSettings, generate_method, summarize
+    from vsteer_hf.head import load_value_head
+    from vsteer_hf.train.features import FeatureCache
+    from vsteer_hf.train.rounds import round_threshold
+
+    out = Path(args.out)
+    rows = json.loads((out / "steer.json").read_text()) if (out / "steer.json").is_file() else {}
+    config = json.loads((Path(args.r1) / "pipeline.json").read_text())
+    model, tokenizer = load_backbone(config["backbone"], dtype=config["dtype"])
+    model = enable_value_steer(model)
+    prompts = load_prompts(config["prompts"], split=args.split)
+    settings = GenerationSettings(samples_per_prompt=4, max_new_tokens=config["max_new_tokens"], batch_size=32)
+    judge, vocabulary = get_judge(config["judge"]), offensive_vocabulary()
+    calibration = FeatureCache(Path(args.r1) / "features")
+
+    def row(run: Any, threshold: float | None) -> dict[str, Any]:
+        summary = summarize(run, judge, config["judge_threshold"], ppl_model=model)
+        offensive = holds_offensive_word(run.generations, vocabulary)
+        steered = [o for o, n in zip(offensive, run.interventions, strict=True) if n > 0]
+        return {
+            **summary.as_dict(),
+            "threshold": threshold,
+            "offensive_word_share": float(np.mean(offensive)),
+            "steered": len(steered),
+            "offensive_word_share_of_steered": float(np.mean(steered)) if steered else None,
+            "prompt_ids": run.prompt_ids,
+            "generations": run.generations,
+            "scores": summary.scores,
+            "interventions": run.interventions,
+            "offensive": offensive,
+        }
+
+    key = f"base@{args.split}"
+    if key not in rows:
+        rows[key] = row(generate_method("base", model, tokenizer, prompts, settings), None)
+        (out / "steer.json").write_text(json.dumps(rows, indent=2) + "\n")
+    for name in args.heads.split(","):
+        key = f"{name}@{args.split}"
+        if key in rows and not args.force:
+            continue
+        source = name if "/" in name or name.startswith("smollm2") else out / "heads" / name
+        head = load_value_head(source)
+        threshold = head.card.threshold if args.card_threshold else round_threshold(head, calibration, ALPHA)
+        vfd = ValueSteerConfig(head=head, threshold=threshold, num_candidates=8)
+        rows[key] = row(generate_method(name, model, tokenizer, prompts, settings, vfd), threshold)
+        base = rows[f"base@{args.split}"]
+        cut = 1 - rows[key]["toxic_rate"]["value"] / base["toxic_rate"]["value"]
+        rise = rows[key]["perplexity"]["value"] / base["perplexity"]["value"] - 1
+        rows[key].update(cut=cut, perplexity_rise=rise)
+        print(key, f"thr={threshold:.3f} cut={cut:.3f} ppl+={rise:.3f}", flush=True)
+        (out / "steer.json").write_text(json.dumps(rows, indent=2) + "\n")
+
+
+def report(args: argparse.Namespace) -> None:
+    """The tables of what_we_tried.md from OUT/train.json and OUT/steer.json."""
+    out = Path(args.out)
+    trained = json.loads((out / "train.json").read_text())
+    print("| data | setting | n_train (positives) | validation AUROC | best epoch / run |")
+    print("|---|---|---|---|---|")
+    for row in trained.values():
+        print(
+            f"| {row['data']} | {row['setting']} {row['overrides'] or ''} | {row['n_train']} "
+            f"({row['train_positives']}) | {row['val_auroc']:.3f} | {row['best_epoch']} / {row['epochs_run']} |"
+        )
+    if not (out / "steer.json").is_file():
+        return
+    steered = json.loads((out / "steer.json").read_text())
+    print()
+    print("| head | threshold | toxic rate | cut | perplexity | rise | interventions/token | offensive-word share |")
+    print("|---|---|---|---|---|---|---|---|")
+    for key, row in steered.items():
+        thr = "–" if row["threshold"] is None else f"{row['threshold']:.3f}"
+        rate, ppl = row["toxic_rate"], row["perplexity"]
+        cut = f"{row['cut']:.0%}" if "cut" in row else "–"
+        rise = f"{row['perplexity_rise']:+.1%}" if "perplexity_rise" in row else "–"
+        print(
+            f"| {key} | {thr} | {rate['value']:.3f} [{rate['low']:.3f}, {rate['high']:.3f}] | {cut} "
+            f"| {ppl['value']:.2f} | {rise} | {row['interventions_per_token']:.3f} "
+            f"| {row['offensive_word_share']:.3f} |"
+        )
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("step", choices=("extra", "train", "steer", "report"))
+    parser.add_argument("--r1", default=None, help="a finished one-round pipeline work folder")
+    parser.add_argument("--r2", default=None, help="a work folder run with --rounds 2 (data variant r2)")
+    parser.add_argument("--out", required=True)
+    parser.add_argument("--variants", default=",".join(f"r1:{s}" for s in SETTINGS), help="data:setting,...")
+    parser.add_argument("--heads", default="", help="steer: head names under OUT/heads, or a shipped head")
+    parser.add_argument("--split", default="validation")
+    parser.add_argument("--card-threshold", action="store_true", help="steer at the card's threshold")
+    parser.add_argument("--force", action="store_true")
+    args = parser.parse_args()
+    Path(args.out).mkdir(parents=True, exist_ok=True)
+    {"extra": extra, "train": train, "steer": steer, "report": report}[args.step](args)
+
+
+if __name__ == "__main__":
+    main()
