@@ -207,3 +207,11 @@ def test_rounds_resume_and_changed_round_settings_are_refused(model_dir, prompt_
 def test_bad_round_settings_are_refused_in_one_line(option, value, message):
     with pytest.raises(ValueError, match=message.replace("(", r"\(").replace(")", r"\)")):
         PipelineConfig(**{option: value})
+
+
+def test_round_folders_are_in_numeric_order(tmp_path):
+    from vsteer_hf.train.rounds import round_dirs
+
+    for name in ("round-10", "round-2", "round-1", "round-notes"):
+        (tmp_path / name).mkdir()
+    assert [p.name for p in round_dirs(tmp_path)] == ["round-1", "round-2", "round-10"]

@@ -40,7 +40,8 @@ ROUND_STAGES = ("extract", "label", "train")
 
 def round_dirs(workdir: Path) -> list[Path]:
     """The round folders a multi-round train stage left in `workdir` (empty for one round)."""
-    return sorted(p for p in workdir.glob("round-*") if p.is_dir())
+    folders = [p for p in workdir.glob("round-*") if p.is_dir() and p.name[len("round-") :].isdigit()]
+    return sorted(folders, key=lambda p: int(p.name[len("round-") :]))  # round-10 after round-9
 
 
 def remove_rounds(workdir: Path) -> None:
