@@ -14,7 +14,7 @@ import json
 import math
 import os
 from collections import Counter
-from collections.abc import Hashable, Mapping
+from collections.abc import Hashable, Mapping, Sequence
 from dataclasses import asdict
 from pathlib import Path
 from typing import Any
@@ -256,7 +256,31 @@ def _atomic_write(path: Path, text: str) -> None:
 
 
 # --------------------------------------------------------------------------- reader
-class FeatureCache:
+class SequenceRecords:
+    """Split and label lookups over `records` (one dict per sequence), shared by every cache reader."""
+
+    directory: Path  # named in error messages
+    records: list[dict[str, Any]]
+
+    @property
+    def splits(self) -> dict[str, int]:
+        """Number of sequences per split name."""
+        return dict(Counter(r.get("split") for r in self.records))
+
+    def split(self, name: str) -> list[int]:
+        """Indices of the sequences of split ``name``, in cache order; an unknown split raises."""
+        out = [i for i, r in enumerate(self.records) if r.get("split") == name]
+        if not out:
+            raise ValueError(f"{self.directory}: no sequences in split {name!r}; splits present: {self.splits}")
+        return out
+
+    def labels(self, indices: Sequence[int] | None = None) -> list[float | None]:
+        """The ``label`` of each sequence (None where not set yet)."""
+        indices = range(len(self)) if indices is None else indices
+        return [self.records[i].get("label") for i in indices]
+
+
+class FeatureCache(SequenceRecords):
     """Read a cache folder: ``cache[i] -> (features (T, H) float32 tensor, record)``, rows memory-mapped.
 
     A snapshot of the index at open time; a trailing unindexed write of a live writer is not seen.
@@ -317,23 +341,6 @@ class FeatureCache:
             return self._where[_key(key)]
         except KeyError:
             raise KeyError(f"{self.directory}: no sequence {key!r} in the cache") from None
-
-    @property
-    def splits(self) -> dict[str, int]:
-        """Number of sequences per split name."""
-        return dict(Counter(r.get("split") for r in self._records))
-
-    def split(self, name: str) -> list[int]:
-        """Indices of the sequences of split ``name``, in cache order; an unknown split raises."""
-        out = [i for i, r in enumerate(self._records) if r.get("split") == name]
-        if not out:
-            raise ValueError(f"{self.directory}: no sequences in split {name!r}; splits present: {self.splits}")
-        return out
-
-    def labels(self, indices: list[int] | None = None) -> list[float | None]:
-        """The ``label`` of each sequence (None where not set yet)."""
-        indices = range(len(self)) if indices is None else indices
-        return [self._records[i].get("label") for i in indices]
 
     def set_labels(self, labels: Mapping[Any, float]) -> int:
         """Set labels by ``(prompt_id, sample)`` and rewrite the index atomically; returns how many were set.

@@ -20,7 +20,6 @@ from __future__ import annotations
 import json
 import shutil
 import time
-from collections import Counter
 from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -28,7 +27,7 @@ from typing import TYPE_CHECKING, Any
 import numpy as np
 from torch import Tensor
 
-from vsteer_hf.train.features import FeatureCache
+from vsteer_hf.train.features import FeatureCache, SequenceRecords
 from vsteer_hf.train.provenance import new_run_id, stage_options
 
 if TYPE_CHECKING:
@@ -67,7 +66,7 @@ def check_unfinished_rounds(pipe: Pipeline, force: bool) -> None:
     )
 
 
-class UnionCache:
+class UnionCache(SequenceRecords):
     """Several feature caches read as one, for training: the union's sequences are theirs, in order.
 
     Offers what `train_value_head` and the pipeline read from a `FeatureCache` (records, labels, rows,
@@ -100,20 +99,6 @@ class UnionCache:
 
     def __getitem__(self, i: int) -> tuple[Tensor, dict[str, Any]]:
         return self.rows(i), self.records[i]
-
-    def labels(self, indices: Sequence[int] | None = None) -> list[float | None]:
-        indices = range(len(self)) if indices is None else indices
-        return [self.records[i].get("label") for i in indices]
-
-    @property
-    def splits(self) -> dict[str, int]:
-        return dict(Counter(r.get("split") for r in self.records))
-
-    def split(self, name: str) -> list[int]:
-        out = [i for i, r in enumerate(self.records) if r.get("split") == name]
-        if not out:
-            raise ValueError(f"{self.directory}: no sequences in split {name!r}; splits present: {self.splits}")
-        return out
 
 
 def round_threshold(head: ValueHead, calibration: FeatureCache, alpha: float) -> float:
