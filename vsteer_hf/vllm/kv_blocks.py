@@ -64,34 +64,37 @@ def check_block_views(kv_caches: Sequence[torch.Tensor], num_blocks: int) -> Non
             )
 
 
+def _distinct_views(kv_caches: Sequence[torch.Tensor]) -> Iterator[torch.Tensor]:
+    """Each layer's cache view once (layers may share one view)."""
+    seen: set[tuple[torch.device, int]] = set()
+    for cache in kv_caches:
+        key = (cache.device, cache.data_ptr())
+        if key not in seen:
+            seen.add(key)
+            yield cache
+
+
+def _block_index(blocks: Sequence[int], device: torch.device, made: dict[torch.device, torch.Tensor]) -> torch.Tensor:
+    """`blocks` as a long tensor on `device`, built once per device for one call."""
+    if device not in made:
+        made[device] = torch.as_tensor(list(blocks), dtype=torch.long).to(device)
+    return made[device]
+
+
 def copy_blocks(kv_caches: Sequence[torch.Tensor], src: Sequence[int], dst: Sequence[int]) -> None:
     """Block `dst[i]` := block `src[i]` in every layer's cache (each shared view once)."""
     if not len(src):
         return
-    seen: set[tuple[torch.device, int]] = set()
-    index_by_device: dict[torch.device, tuple[torch.Tensor, torch.Tensor]] = {}
-    for cache in kv_caches:
-        key = (cache.device, cache.data_ptr())
-        if key in seen:
-            continue
-        seen.add(key)
-        if cache.device not in index_by_device:
-            index_by_device[cache.device] = (
-                torch.as_tensor(list(src), dtype=torch.long).to(cache.device),
-                torch.as_tensor(list(dst), dtype=torch.long).to(cache.device),
-            )
-        source, target = index_by_device[cache.device]
-        cache[target] = cache[source]
+    sources: dict[torch.device, torch.Tensor] = {}
+    targets: dict[torch.device, torch.Tensor] = {}
+    for cache in _distinct_views(kv_caches):
+        cache[_block_index(dst, cache.device, targets)] = cache[_block_index(src, cache.device, sources)]
 
 
 def zero_blocks(kv_caches: Sequence[torch.Tensor], blocks: Sequence[int]) -> None:
     """Zero `blocks` in every layer's cache, as vLLM zeroes freshly allocated blocks."""
     if not len(blocks):
         return
-    seen: set[tuple[torch.device, int]] = set()
-    for cache in kv_caches:
-        key = (cache.device, cache.data_ptr())
-        if key in seen:
-            continue
-        seen.add(key)
-        cache[torch.as_tensor(list(blocks), dtype=torch.long).to(cache.device)] = 0
+    made: dict[torch.device, torch.Tensor] = {}
+    for cache in _distinct_views(kv_caches):
+        cache[_block_index(blocks, cache.device, made)] = 0
