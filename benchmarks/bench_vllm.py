@@ -6,10 +6,13 @@ decoding, `ignore_eos`; tokens/s counts the tokens generated. One engine per met
 all built first; then the repeats run interleaved across methods and batch sizes, so load drifts hit all
 alike. VFD rows run twice on the same engine: per-request `vfd_threshold` 1.0 (never intervenes) and a
 threshold at which the head (random, bias 0) refuses candidate 0 at a realistic rate (the measured rate is
-reported). "step / plain step @R*K" compares a VFD step of R requests with a plain step of R*K requests
-(extra plain runs at R*K rows; one pass should sit near 1.0x). "skipped" is the share of VFD model forwards
-the one-pass path skipped. The machine's load (/proc/pressure/cpu, loadavg) is recorded before, after, and
-after every repeat round.
+reported). VFD engines are lazy by default (candidate 0 forwarded for every request, the other K-1 only
+where it is refused); "all rows" forwards all R*K candidates in one pass, the path lazy replaces. "rows /
+token" is candidate rows forwarded per committed token (1 when nothing is refused, K for all rows).
+"step / plain step @R*K" compares a VFD step of R requests with a plain step of R*K requests (extra plain
+runs at R*K rows; the all-rows pass should sit near 1.0x, lazy below). "skipped" is the share of VFD
+model forwards the one-pass path skipped. The machine's load (/proc/pressure/cpu, loadavg) is recorded
+before, after, and after every repeat round.
 
 Run in the vLLM environment (.ci/run-vllm builds one):
     HF_HUB_OFFLINE=1 VLLM_CPU_KVCACHE_SPACE=3 VLLM_ENABLE_V1_MULTIPROCESSING=0 \\
@@ -45,6 +48,7 @@ ENGINES: list[tuple[str, str | None, dict[str, Any]]] = [
     ("abstain", "abstain", {"threshold": 0.999}),
     ("VFD K=4", "vfd", {"threshold": 0.5, "num_candidates": 4}),
     ("VFD K=8", "vfd", {"threshold": 0.5, "num_candidates": 8}),
+    ("VFD K=8 all rows", "vfd", {"threshold": 0.5, "num_candidates": 8, "candidate_forward": "expand"}),
 ]
 INTERVENING_THRESHOLD = 0.5  # with the bias-0 random head: refuses candidate 0 at the rate reported
 
@@ -107,6 +111,7 @@ def time_run(llm: Any, section: str | None, batch: int, threshold: float | None,
         run["intervention_rate"] = sum(flags) / max(len(flags), 1)
         counts = llm.collective_rpc("vsteer_take_forward_counts")[0]
         run["skipped_forwards"] = counts["skipped"] / max(counts["skipped"] + counts["full"], 1)
+        run["rows_per_token"] = counts["candidate_rows"] / max(counts["steered_tokens"], 1)
     return run
 
 
@@ -141,8 +146,9 @@ def markdown(rows: list[dict[str, Any]], args: argparse.Namespace, env: dict[str
         f"prompt {args.prompt}, {args.new_tokens} new tokens, greedy, median of {args.repeats} interleaved repeats; "
         f"load before: {loads[0]['loadavg']} ({loads[0]['cpu_pressure']}); after: {loads[1]['loadavg']}.",
         "",
-        "| method | head | batch | tokens/s | × plain | intervened | skipped forwards | step / plain step @R*K |",
-        "|---|---|---:|---:|---:|---:|---:|---:|",
+        "| method | head | batch | tokens/s | × plain | intervened | rows / token | skipped forwards "
+        "| step / plain step @R*K |",
+        "|---|---|---:|---:|---:|---:|---:|---:|---:|",
     ]
     for row in rows:
         if row["batch"] not in args.batches:
@@ -154,8 +160,9 @@ def markdown(rows: list[dict[str, Any]], args: argparse.Namespace, env: dict[str
         step_ratio = f"{(row['batch'] / row['tokens_per_s']) / (row['batch'] * k / wide):.2f}x" if wide else "-"
         rate = f"{row['intervention_rate']:.0%}" if "intervention_rate" in row else "-"
         skipped = f"{row['skipped_forwards']:.0%}" if "skipped_forwards" in row else "-"
+        rows_per_token = f"{row['rows_per_token']:.2f}" if "rows_per_token" in row else "-"
         lines.append(f"| {row['method']} | {row['head']} | {row['batch']} | {row['tokens_per_s']:.1f} | {ratio:.2f}x | "
-                     f"{rate} | {skipped} | {step_ratio} |")
+                     f"{rate} | {rows_per_token} | {skipped} | {step_ratio} |")
     return "\n".join(lines) + "\n"
 
 
@@ -212,6 +219,7 @@ def main(argv: list[str] | None = None) -> int:
             if section == "vfd":
                 row["intervention_rate"] = statistics.mean(r["intervention_rate"] for r in cell_runs)
                 row["skipped_forwards"] = statistics.mean(r["skipped_forwards"] for r in cell_runs)
+                row["rows_per_token"] = statistics.mean(r["rows_per_token"] for r in cell_runs)
             rows.append(row)
         del engines, cells
         gc.collect()

@@ -32,6 +32,9 @@ def test_published_usage_parses_into_the_shared_config(head_path):
         ({"vfd": {"value_head_path": "HEAD", "alpha": 0.1}}, "no conformal"),
         ({"vfd": {"value_head_path": "HEAD", "threshold": 0.3}, "abstain": {"value_head_path": "HEAD"}}, "both"),
         ({"vfd": "HEAD"}, "must be a dict"),
+        ({"vfd": {"value_head_path": "HEAD", "threshold": 0.3, "candidate_forward": "tree"}}, "no engine counterpart"),
+        ({"vfd": {"value_head_path": "HEAD", "threshold": 0.3, "rule": "args", "candidate_forward": "lazy"}},
+         "needs rule='first_safe'"),
     ],
 )
 def test_bad_config_names_the_fix(head_path, config, message):
@@ -40,6 +43,16 @@ def test_bad_config_names_the_fix(head_path, config, message):
     with pytest.raises(ValueError, match=message):
         steering = steering_from_additional_config(config, "vfd")
         steering.default_threshold()
+
+
+@pytest.mark.parametrize(
+    ("section", "lazy"),
+    [({}, True), ({"candidate_forward": "lazy"}, True), ({"candidate_forward": "expand"}, False),
+     ({"rule": "args"}, False), ({"num_candidates": 1}, False)],
+)
+def test_the_engine_is_lazy_exactly_where_first_safe_allows_it(head_path, section, lazy):
+    vfd = {"value_head_path": head_path, "threshold": 0.3, "num_candidates": 4, **section}
+    assert steering_from_additional_config({"vfd": vfd}, "vfd").forwards_lazily() is lazy
 
 
 def test_abstention_refuses_speculative_decoding(head_path):

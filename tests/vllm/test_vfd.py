@@ -38,6 +38,17 @@ def llm(model_folder, steering_head):
 
 
 @pytest.fixture(scope="module")
+def eager(model_folder, steering_head):
+    """Every candidate forwarded in one pass: the path the default lazy pass replaces."""
+    from vsteer_hf.vllm import steered_llm
+
+    vfd = {"value_head_path": str(steering_head), "threshold": 0.5, "num_candidates": K, "candidate_forward": "expand"}
+    engine = steered_llm(str(model_folder), vfd=vfd, **_kwargs())
+    yield engine
+    close_engine(engine)
+
+
+@pytest.fixture(scope="module")
 def plain(model_folder):
     from vllm import LLM
 
@@ -113,8 +124,11 @@ def test_never_intervening_greedy_equals_plain_vllm(llm, plain):
 
 
 def _transformers_vfd(threshold: float, max_new_tokens: int, sample_seed: int | None = None):
+    """The eager transformers loop (every candidate forwarded, tree path), one prompt at a time."""
     model = enable_value_steer(tiny_model())
-    steer = ValueSteerConfig(head=make_head(**STEERING_HEAD), threshold=threshold, num_candidates=K)
+    steer = ValueSteerConfig(
+        head=make_head(**STEERING_HEAD), threshold=threshold, num_candidates=K, candidate_forward="tree"
+    )
     runs = []
     for ids in prompts():
         sampling = {"do_sample": False}
@@ -134,30 +148,49 @@ def _median_threshold(max_new_tokens: int) -> float:
     return float(torch.tensor([r for _, risks, _ in unsteered for r in risks]).median())
 
 
-def _assert_matches(llm, outs, reference):
+def _assert_matches(llm, outs, reference, lazy: bool):
+    """Tokens, flags and risks equal the reference; a lazy engine forwarded the other K-1 candidates only
+    for the tokens where candidate 0 was refused (at least every intervention), the eager one all K."""
     from vsteer_hf.vllm import take_vfd_records
 
+    counts = llm.collective_rpc("vsteer_take_forward_counts")[0]
     assert any(any(flags) for _, _, flags in reference), "the test needs a head that intervenes"
     for out, record, (tokens, risks, flags) in zip(outs, take_vfd_records(llm, outs), reference, strict=True):
         assert list(out.outputs[0].token_ids) == tokens
         assert record["interventions"] == flags
         torch.testing.assert_close(torch.tensor(record["value_scores"]), torch.tensor(risks), atol=1e-4, rtol=1e-4)
+    steered = sum(len(tokens) for tokens, _, _ in reference)
+    interventions = sum(sum(flags) for _, _, flags in reference)
+    assert counts["steered_tokens"] == steered
+    if lazy:
+        assert steered + (K - 1) * interventions <= counts["candidate_rows"] < K * steered, counts
+    else:
+        assert counts["candidate_rows"] == K * steered, counts
 
 
-def test_intervening_greedy_equals_transformers_step_by_step(llm):
+ENGINES = pytest.mark.parametrize("engine", ["llm", "eager"])
+
+
+@ENGINES
+def test_intervening_greedy_equals_transformers_step_by_step(request, engine):
     """Greedy candidates are the top-K tokens in order, so greedy steering does intervene."""
+    llm = request.getfixturevalue(engine)
+    llm.collective_rpc("vsteer_take_forward_counts")
     new = 20
     threshold = _median_threshold(new)
     reference = _transformers_vfd(threshold, new)
     prompt_list = [{"prompt_token_ids": p} for p in prompts()]
     outs = llm.generate(prompt_list, _params(new, extra_args={"vfd_threshold": threshold}), use_tqdm=False)
-    _assert_matches(llm, outs, reference)
+    _assert_matches(llm, outs, reference, lazy=engine == "llm")
 
 
-def test_seeded_sampling_equals_transformers_step_by_step(llm):
+@ENGINES
+def test_seeded_sampling_equals_transformers_step_by_step(request, engine):
     """Each request's seeded generator draws its candidates as `torch.manual_seed(seed)` + generate at batch 1."""
     from vllm import SamplingParams
 
+    llm = request.getfixturevalue(engine)
+    llm.collective_rpc("vsteer_take_forward_counts")
     new, seed = 16, 123
     threshold = _median_threshold(new)
     reference = _transformers_vfd(threshold, new, sample_seed=seed)
@@ -166,7 +199,7 @@ def test_seeded_sampling_equals_transformers_step_by_step(llm):
         extra_args={"vfd_threshold": threshold},
     )
     outs = llm.generate([{"prompt_token_ids": p} for p in prompts()], params, use_tqdm=False)
-    _assert_matches(llm, outs, reference)
+    _assert_matches(llm, outs, reference, lazy=engine == "llm")
 
 
 def _capture_compute_logits_inputs(worker, on, captured):
@@ -219,7 +252,8 @@ def test_one_pass_skips_every_pure_decode_forward(llm, plain):
     llm.collective_rpc("vsteer_take_records")
     expected = plain.generate(batch, _params(LONG), use_tqdm=False)
     assert [o.outputs[0].token_ids for o in outs] == [o.outputs[0].token_ids for o in expected]
-    assert counts == {"skipped": LONG - 1, "full": 1}
+    # never refused: the lazy candidate pass forwarded candidate 0 alone, one row per token
+    assert counts == {"skipped": LONG - 1, "full": 1, "candidate_rows": 4 * LONG, "steered_tokens": 4 * LONG}
 
 
 @pytest.mark.parametrize(

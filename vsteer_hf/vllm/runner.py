@@ -13,6 +13,11 @@ resumed or chunked), vLLM's model forward is skipped: the winners' states are re
 so vLLM's own logits, sampler and bookkeeping run unchanged. Any other batch takes the full forward,
 so correctness never depends on pending state.
 
+Under `first_safe` with K > 1 the candidate pass is lazy (`candidate_forward` "auto"/"lazy"): candidate 0
+wins exactly where its risk is under the threshold, so it is forwarded for every request (R rows, what a
+plain decode step costs) and the other K-1 only for the requests where it is refused. `"expand"` (and
+rule `args`, which weighs every candidate) forwards all R·K rows in one pass; both give the same winners.
+
 Scratch and holding blocks live past the scheduler's `num_blocks` in the same KV allocation
 (`kv_blocks.py`); the scheduler never hands them out.
 """
@@ -88,7 +93,8 @@ class ValueSteerRunnerMixin:
         self._vsteer_scratch_first = -1  # K scratch blocks per chunk row, then one holding block per chunk row
         self._vsteer_pending: dict[str, PendingWinner] = {}
         self._vsteer_held = 0  # holding blocks used by this step's winners
-        self._vsteer_forwards = {"skipped": 0, "full": 0}
+        self._vsteer_lazy = steering.forwards_lazily()
+        self._vsteer_forwards = _no_forwards()
         self._vsteer_step_input: Any = None  # the scheduler output while execute_model runs
         self._vsteer_records: dict[str, RequestRecord] = {}
         self._vsteer_generators: dict[str, torch.Generator] = {}
@@ -228,22 +234,19 @@ class ValueSteerRunnerMixin:
         row_logits = logits[rows].float()  # (R, V)
         candidates, probs = self._vsteer_candidates(row_logits, req_ids, params)  # (R, K)
         seq_lens = self.optimistic_seq_lens_cpu[rows].to(torch.long)  # (R,) tokens in KV after this step  # type: ignore[attr-defined]
-        hidden, scratch = self._vsteer_forward(candidates, rows, seq_lens)  # (R*K, H), (R, K) block ids
-        risks = self._vsteer_head.placed(hidden.device).p(hidden).view(len(rows), k)  # (R, K)
-        policy.refuse_non_finite(risks, "a VFD candidate")
+        scratch = self._vsteer_scratch_first + torch.arange(len(rows) * k).view(len(rows), k)  # (R, K) block ids
         thresholds = torch.tensor([self._vsteer_threshold(r, p) for r, p in zip(req_ids, params, strict=True)])
-        config = self._vsteer.config
-        if k > 1:
-            cand_probs = policy.candidate_probs(probs, candidates) if probs is not None else None
-            winner = policy.select_candidates(
-                risks, thresholds.to(risks.device), config.rule, cand_probs, config.args_weight
+        if self._vsteer_lazy:
+            winner, winner_risk, winner_hidden = self._vsteer_lazy_winners(
+                candidates, rows, seq_lens, scratch, thresholds
             )
         else:
-            winner = torch.zeros(len(rows), dtype=torch.long, device=risks.device)
+            winner, winner_risk, winner_hidden = self._vsteer_all_winners(
+                candidates, probs, rows, seq_lens, scratch, thresholds
+            )
+        self._vsteer_forwards["steered_tokens"] += len(rows)
         tokens = policy.gather_selected(candidates, winner.to(candidates.device))  # (R,)
-        winner_risk = policy.gather_selected(risks, winner).tolist()
         changed = policy.intervened(candidates, tokens).tolist()
-        winner_hidden = hidden.view(len(rows), k, -1)[torch.arange(len(rows)), winner.to(hidden.device)]  # (R, H)
         self._vsteer_commit(req_ids, rows, tokens.tolist(), seq_lens, scratch, winner.tolist(), winner_hidden)
         for i, req_id in enumerate(req_ids):
             record = self._vsteer_records.setdefault(req_id, RequestRecord())
@@ -253,6 +256,62 @@ class ValueSteerRunnerMixin:
                 record.hidden = record.hidden or []
                 record.hidden.append(winner_hidden[i].detach().cpu().clone())
         return tokens.to(logits.device)
+
+    def _vsteer_score(self, hidden: torch.Tensor) -> torch.Tensor:
+        risks = self._vsteer_head.placed(hidden.device).p(hidden)
+        policy.refuse_non_finite(risks, "a VFD candidate")
+        return risks
+
+    def _vsteer_all_winners(
+        self, candidates: torch.Tensor, probs: torch.Tensor | None, rows: list[int], seq_lens: torch.Tensor,
+        scratch: torch.Tensor, thresholds: torch.Tensor,
+    ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """Every candidate forwarded in one pass: winner column (R,), its risk (R,) and state (R, H)."""
+        k = self._vsteer_k
+        hidden = self._vsteer_forward(candidates, rows, seq_lens, scratch)  # (R*K, H)
+        risks = self._vsteer_score(hidden).view(len(rows), k)  # (R, K)
+        config = self._vsteer.config
+        if k > 1:
+            cand_probs = policy.candidate_probs(probs, candidates) if probs is not None else None
+            winner = policy.select_candidates(
+                risks, thresholds.to(risks.device), config.rule, cand_probs, config.args_weight
+            )
+        else:
+            winner = torch.zeros(len(rows), dtype=torch.long, device=risks.device)
+        winner_hidden = hidden.view(len(rows), k, -1)[torch.arange(len(rows)), winner.to(hidden.device)]
+        return winner, policy.gather_selected(risks, winner), winner_hidden
+
+    def _vsteer_lazy_winners(
+        self, candidates: torch.Tensor, rows: list[int], seq_lens: torch.Tensor, scratch: torch.Tensor,
+        thresholds: torch.Tensor,
+    ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """`first_safe` lazily: candidate 0 wins exactly where it is safe, so it is forwarded for every request
+        and the other K-1 only for the requests where it is not ("flagged"); same result as the one pass.
+
+        Each pass writes its candidates' KV into their own scratch blocks, so the flagged requests' second
+        pass copies a tail block candidate 0 never touched, and the commit picks the winner's block as before.
+        """
+        hidden = self._vsteer_forward(candidates[:, :1], rows, seq_lens, scratch[:, :1])  # (R, H)
+        risk = self._vsteer_score(hidden)  # (R,)
+        thresholds = thresholds.to(risk.device)
+        winner = torch.zeros(len(rows), dtype=torch.long, device=risk.device)
+        flagged = (~policy.is_safe(risk, thresholds)).nonzero().flatten()  # (F,)
+        if not flagged.numel():
+            return winner, risk, hidden
+        f = flagged.tolist()
+        others = self._vsteer_k - 1
+        alt_hidden = self._vsteer_forward(candidates[f, 1:], [rows[i] for i in f], seq_lens[f], scratch[f, 1:])
+        alt_risk = self._vsteer_score(alt_hidden).view(len(f), others)  # (F, K-1)
+        all_risks = torch.cat([risk[flagged, None], alt_risk], dim=1)  # (F, K): the one pass's column order
+        chosen = policy.select_candidates(all_risks, thresholds[flagged], "first_safe")  # (F,)
+        winner[flagged] = chosen
+        moved = (chosen > 0).nonzero().flatten()  # flagged positions whose winner is another candidate
+        if moved.numel():
+            target, column = flagged[moved], chosen[moved] - 1
+            hidden, risk = hidden.clone(), risk.clone()
+            hidden[target] = alt_hidden.view(len(f), others, -1)[moved, column]
+            risk[target] = alt_risk[moved, column]
+        return winner, risk, hidden
 
     def _vsteer_commit(
         self, req_ids: list[str], rows: list[int], tokens: list[int], seq_lens: torch.Tensor,
@@ -317,21 +376,21 @@ class ValueSteerRunnerMixin:
         return gen
 
     def _vsteer_forward(
-        self, candidates: torch.Tensor, rows: list[int], seq_lens: torch.Tensor
-    ) -> tuple[torch.Tensor, torch.Tensor]:
-        """Post-norm states (R*K, H) of every candidate fed at position seq_len, against the request's prefix,
-        and the (R, K) scratch blocks holding each candidate's KV."""
+        self, candidates: torch.Tensor, rows: list[int], seq_lens: torch.Tensor, scratch: torch.Tensor
+    ) -> torch.Tensor:
+        """Post-norm states (R*C, H) of the (R, C) `candidates` fed at position seq_len, against each request's
+        prefix; candidate (i, j) writes its KV into scratch block `scratch[i, j]`, a private copy of the
+        request's partly filled tail block."""
         from vllm.forward_context import set_forward_context
         from vllm.v1.attention.backend import CommonAttentionMetadata
 
-        k = self._vsteer_k
+        k = candidates.shape[1]
         block_size = self.cache_config.block_size  # type: ignore[attr-defined]
         device = self.device  # type: ignore[attr-defined]
         n = len(rows) * k
         tables = self.input_batch.block_table[0].block_table.cpu[rows]  # (R, max_blocks) int32
         tail = seq_lens // block_size  # (R,) index of the block the candidate lands in
         offset = seq_lens % block_size  # (R,)
-        scratch = self._vsteer_scratch_first + torch.arange(n).view(len(rows), k)  # (R, K)
         width = int(tail.max()) + 1
         table = torch.zeros((len(rows), k, width), dtype=torch.int32)
         for i in range(len(rows)):
@@ -373,13 +432,15 @@ class ValueSteerRunnerMixin:
             hidden = self.model(  # type: ignore[attr-defined]
                 input_ids=candidates.flatten().to(device), positions=positions.to(device)
             )
-        return hidden, scratch
+        self._vsteer_forwards["candidate_rows"] += n
+        return hidden
 
     # --- results -----------------------------------------------------------------------------------
 
     def vsteer_take_forward_counts(self) -> dict[str, int]:
-        """Model forwards since the last call: `skipped` (one pass: the candidate pass had done them) and `full`."""
-        counts, self._vsteer_forwards = self._vsteer_forwards, {"skipped": 0, "full": 0}
+        """Since the last call: model forwards `skipped` (the candidate pass had done them) and `full`,
+        `candidate_rows` forwarded by the candidate passes and `steered_tokens` committed by them."""
+        counts, self._vsteer_forwards = self._vsteer_forwards, _no_forwards()
         return counts
 
     def vsteer_take_records(self, request_id: str | None = None) -> dict[str, dict[str, Any]]:
@@ -400,6 +461,10 @@ class ValueSteerRunnerMixin:
             if record.hidden is not None:
                 taken[req_id]["hidden"] = torch.stack(record.hidden)
         return taken
+
+
+def _no_forwards() -> dict[str, int]:
+    return {"skipped": 0, "full": 0, "candidate_rows": 0, "steered_tokens": 0}
 
 
 @cache

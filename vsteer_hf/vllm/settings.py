@@ -20,8 +20,11 @@ SECTIONS = ("abstain", "vfd")
 COMMON_KEYS = ("enabled", "value_head_path", "head_filename", "head_revision", "threshold", "alpha", "direction")
 SECTION_KEYS = {
     "abstain": (*COMMON_KEYS, "eos_token_id"),
-    "vfd": (*COMMON_KEYS, "num_candidates", "rule", "args_weight", "prob_weight"),
+    "vfd": (*COMMON_KEYS, "num_candidates", "rule", "args_weight", "prob_weight", "candidate_forward"),
 }
+# How the engine forwards the K candidates: `lazy` (candidate 0 for every request, the other K-1 only where
+# it is not safe; `first_safe` only), `expand` (all K as rows in one pass), `auto` (lazy where exact).
+ENGINE_CANDIDATE_PATHS = ("auto", "lazy", "expand")
 # The reference plugin's engine-internal tuning knobs: they change no decision, so they are accepted and ignored.
 IGNORED_PLUGIN_KEYS = ("strict", "single_stream", "scratch_max_seqs", "capture_kv_ops", "capture_kv_max_rows")
 
@@ -38,6 +41,12 @@ class EngineSteering:
         """The section's threshold, or ĉ(α) on the head's curve: the value used when a request names none."""
         head = self.config.load_head()
         return float(self.config.thresholds(head, 1, "cpu")[0])
+
+    def forwards_lazily(self) -> bool:
+        """Whether the engine forwards candidate 0 first and the others only where it is refused: exact
+        under `first_safe` (candidate 0 wins iff it is safe), and only worth it with K > 1."""
+        config = self.config
+        return config.candidate_forward != "expand" and config.rule == "first_safe" and config.candidates_per_step > 1
 
     def request_threshold(self, extra_args: Mapping[str, Any] | None, default: float) -> float:
         """`extra_args[f"{mode}_threshold"]`, or ĉ(`extra_args[f"{mode}_alpha"]`), else `default`."""
@@ -82,6 +91,13 @@ def steering_from_additional_config(additional_config: Mapping[str, Any] | None,
         kwargs["rule"] = section.get("rule", "first_safe")
         weight = section.get("args_weight", section.get("prob_weight", 1.0))
         kwargs["args_weight"] = float(weight)
+        path = section.get("candidate_forward", "auto")
+        if path not in ENGINE_CANDIDATE_PATHS:
+            raise ValueError(
+                f"additional_config['vfd']['candidate_forward'] = {path!r}; the engine takes one of "
+                f"{', '.join(ENGINE_CANDIDATE_PATHS)} (transformers' 'tree' path has no engine counterpart)."
+            )
+        kwargs["candidate_forward"] = path
     if threshold is None and alpha is None:
         threshold = _card_threshold(kwargs, mode)
     config = ValueSteerConfig(threshold=threshold, alpha=alpha, **kwargs)

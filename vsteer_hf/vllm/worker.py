@@ -87,7 +87,7 @@ class ValueSteerWorker(_platform_worker()):  # type: ignore[misc]
         return self.model_runner.vsteer_take_records(request_id)
 
     def vsteer_take_forward_counts(self) -> dict[str, int]:
-        """Model forwards since the last call: `skipped` (the candidate pass had done them) and `full`."""
+        """Since the last call: model forwards `skipped` and `full`, candidate rows forwarded, tokens steered."""
         return self.model_runner.vsteer_take_forward_counts()
 
     def vsteer_record_hidden(self, on: bool = True) -> None:
