@@ -144,6 +144,37 @@ def test_errors(tmp_path):
         TrainConfig(device="cuda:1")
 
 
+def _broadcast_labels(cache, value=lambda y: y):
+    return {i: np.full(int(cache.lengths[i]), value(y), dtype=np.float32)
+            for i, y in zip(cache.split("train"), cache.labels(cache.split("train")), strict=True)}
+
+
+def test_token_targets_replace_the_train_labels(tmp_path):
+    cache = _cache(tmp_path, n_train=64, n_val=32)
+    cfg = _cfg(epochs=4, patience=None)
+    plain = train_value_head(cache, cfg, progress=False)
+    same = train_value_head(cache, cfg, progress=False, token_targets=_broadcast_labels(cache))
+    assert all(torch.equal(plain.head.state_dict()[k], v) for k, v in same.head.state_dict().items())
+    assert plain.history == same.history  # the label broadcast to every token is what training used
+    # inverted targets: the head learns the planted direction backwards, judged on the true labels
+    inverted = train_value_head(cache, cfg, progress=False, token_targets=_broadcast_labels(cache, lambda y: 1 - y))
+    assert plain.val_auroc > 0.9 and inverted.val_auroc < 0.5  # ignoring the targets would give > 0.9
+    assert inverted.head.card.training["targets"] == "per-token"
+    assert plain.head.card.training["targets"] == "sequence label"
+
+
+def test_token_targets_are_checked(tmp_path):
+    cache = _cache(tmp_path, n_train=8, n_val=4)
+    good = _broadcast_labels(cache)
+    first = cache.split("train")[0]
+    with pytest.raises(ValueError, match=f"no entry for train sequence {first}"):
+        train_value_head(cache, _cfg(), progress=False, token_targets={k: v for k, v in good.items() if k != first})
+    with pytest.raises(ValueError, match=rf"token_targets\[{first}\] has shape \(1,\)"):
+        train_value_head(cache, _cfg(), progress=False, token_targets={**good, first: np.zeros(1)})
+    with pytest.raises(ValueError, match="outside"):
+        train_value_head(cache, _cfg(), progress=False, token_targets={**good, first: good[first] + 2})
+
+
 # --------------------------------------------------------------------------- AUROC
 def _brute_auroc(scores, labels):
     pos = [s for s, y in zip(scores, labels, strict=True) if y]

@@ -10,6 +10,11 @@ are round 1's in every variant, so the numbers compare. Run each step under the 
     flock /tmp/vsteer-heavy.lock python what_we_tried.py train --r1 runs/r1 --r2 runs/r2 --out runs/exp
     flock /tmp/vsteer-heavy.lock python what_we_tried.py steer --r1 runs/r1 --out runs/exp --heads a,b
 
+The `prefix-targets` setting trains against per-token targets (`vsteer_hf.train.extract.prefix_targets`:
+1 from the token where the judge first scores the prefix toxic, and everywhere in a toxic sequence)
+instead of the sequence label on every token. `train` also records each head's AUROC on round 1's test
+split.
+
 `train` writes `train.json` (validation AUROC per sequence of every variant); `steer` writes
 `steer.json`: VFD K = 8 at each head's ĉ(0.3) against base on the 57 validation prompts x 4 samples
 (toxic rate by the judge, perplexity under the base model, and the share of continuations that hold
@@ -41,7 +46,10 @@ SETTINGS: dict[str, dict[str, Any]] = {
     "lr-1e-3": {"lr": 1e-3},
     "patience-4": {"patience": 4, "epochs": 20},
     "wd-0.1": {"weight_decay": 0.1},
+    "prefix-targets": {},  # default settings, trained against `prefix_targets` (see train)
+    "prefix-only": {},  # default settings, trained against `prefix_targets(..., with_label=False)`
 }
+PER_TOKEN_TARGETS = {"prefix-targets": True, "prefix-only": False}  # setting -> with_label
 
 
 def _caches(args: argparse.Namespace, data: str) -> list[Any]:
@@ -97,7 +105,9 @@ def train(args: argparse.Namespace) -> None:
         if name in rows and not args.force:
             continue
         pipeline_run = {"r1": args.r1, "r2": args.r2}.get(data) if setting == "default" else None
-        if pipeline_run and (Path(pipeline_run) / "train.json").is_file():  # the pipeline trained this one
+        if pipeline_run and not (Path(pipeline_run) / "train.json").is_file():
+            pipeline_run = None  # the pipeline has not trained it: train it here
+        if pipeline_run:  # the pipeline trained this one
             report = json.loads((Path(pipeline_run) / "train.json").read_text())
             shutil.copytree(Path(pipeline_run) / "head", out / "heads" / name.replace(":", "-"), dirs_exist_ok=True)
             history, best_epoch, val_auroc = report["history"], report["best_epoch"], report["val_auroc"]
@@ -105,7 +115,9 @@ def train(args: argparse.Namespace) -> None:
         else:
             config = dataclasses.replace(TrainConfig(device="cpu"), **SETTINGS[setting])
             began = time.perf_counter()
-            result = train_value_head(UnionCache(_caches(args, data)), config, progress=False)
+            cache = UnionCache(_caches(args, data))
+            targets = _prefix_targets(args, cache, PER_TOKEN_TARGETS[setting]) if setting in PER_TOKEN_TARGETS else None
+            result = train_value_head(cache, config, progress=False, token_targets=targets)
             result.head.save_pretrained(out / "heads" / name.replace(":", "-"))
             history, best_epoch, val_auroc = result.history, result.best_epoch, result.val_auroc
             balance, seconds = result.class_balance, round(time.perf_counter() - began, 1)
@@ -114,6 +126,7 @@ def train(args: argparse.Namespace) -> None:
             "setting": setting,
             "overrides": SETTINGS[setting],
             "val_auroc": val_auroc,
+            **_split_aurocs(_position_aurocs(args, out / "heads" / name.replace(":", "-"))),
             "best_epoch": best_epoch,
             "epochs_run": len(history),
             "n_train": balance["n_train"],
@@ -123,6 +136,55 @@ def train(args: argparse.Namespace) -> None:
         }
         print(name, json.dumps(rows[name]), flush=True)
         (out / "train.json").write_text(json.dumps(rows, indent=2) + "\n")
+
+
+def _prefix_targets(args: argparse.Namespace, cache: Any, with_label: bool) -> dict[int, Any]:
+    """Per-token targets: 1 where the judge scores the prefix so far toxic, and (`with_label`) everywhere in
+    a toxic sequence (`vsteer_hf.train.extract.prefix_targets`)."""
+    from vsteer_hf.backbones import load_backbone
+    from vsteer_hf.eval.judges import get_judge
+    from vsteer_hf.train.extract import prefix_targets
+
+    config = json.loads((Path(args.r1) / "pipeline.json").read_text())
+    _, tokenizer = load_backbone(config["backbone"], dtype=config["dtype"])
+    began = time.perf_counter()
+    targets = prefix_targets(
+        cache, get_judge(config["judge"]), tokenizer, threshold=config["judge_threshold"], with_label=with_label
+    )
+    marked = sum(int((t > 0).sum()) for t in targets.values())
+    total = sum(len(t) for t in targets.values())
+    print(f"prefix targets: {marked} of {total} train tokens marked ({time.perf_counter() - began:.0f} s)")
+    return targets
+
+
+def _split_aurocs(aurocs: dict[str, dict[str, float]]) -> dict[str, Any]:
+    return {"test_auroc": aurocs["test"]["max"], "position_aurocs": aurocs}
+
+
+def _position_aurocs(args: argparse.Namespace, head_dir: Path) -> dict[str, dict[str, float]]:
+    """Per split of round 1 (validation, test): AUROC per sequence of the head's risk at the first token,
+    at the last token (it has read the whole continuation the judge scores) and of the max (the pipeline's)."""
+    import torch
+
+    from vsteer_hf.head import load_value_head
+    from vsteer_hf.train.features import FeatureCache
+    from vsteer_hf.train.trainer import auroc
+
+    head, cache = load_value_head(head_dir), FeatureCache(Path(args.r1) / "features")
+    out = {}
+    for split in ("validation", "test"):
+        scores: dict[str, list[float]] = {"first": [], "last": [], "max": []}
+        labels = []
+        with torch.no_grad():
+            for i in cache.split(split):
+                features, record = cache[i]
+                p = head.p(features)
+                scores["first"].append(float(p[0]))
+                scores["last"].append(float(p[-1]))
+                scores["max"].append(float(p.max()))
+                labels.append(record["label"])
+        out[split] = {name: auroc(np.asarray(v), np.asarray(labels)) for name, v in scores.items()}
+    return out
 
 
 def offensive_vocabulary() -> set[str]:
@@ -207,12 +269,17 @@ def report(args: argparse.Namespace) -> None:
     """The tables of what_we_tried.md from OUT/train.json and OUT/steer.json."""
     out = Path(args.out)
     trained = json.loads((out / "train.json").read_text())
-    print("| data | setting | n_train (positives) | validation AUROC | best epoch / run |")
-    print("|---|---|---|---|---|")
+    print("| data | setting | n_train (positives) | validation AUROC | test AUROC | test AUROC first / last token "
+          "| best epoch / run |")
+    print("|---|---|---|---|---|---|---|")
     for row in trained.values():
+        test = f"{row['test_auroc']:.3f}" if row.get("test_auroc") is not None else "–"
+        at = row.get("position_aurocs", {}).get("test")
+        ends = f"{at['first']:.3f} / {at['last']:.3f}" if at else "–"
         print(
             f"| {row['data']} | {row['setting']} {row['overrides'] or ''} | {row['n_train']} "
-            f"({row['train_positives']}) | {row['val_auroc']:.3f} | {row['best_epoch']} / {row['epochs_run']} |"
+            f"({row['train_positives']}) | {row['val_auroc']:.3f} | {test} | {ends} "
+            f"| {row['best_epoch']} / {row['epochs_run']} |"
         )
     if not (out / "steer.json").is_file():
         return

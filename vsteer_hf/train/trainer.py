@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import copy
 import math
-from collections.abc import Iterator, Sequence
+from collections.abc import Iterator, Mapping, Sequence
 from dataclasses import dataclass, field, replace
 from typing import Any
 
@@ -160,8 +160,10 @@ def _batches(
     batch_size: int,
     max_tokens: int | None,
     order: np.ndarray,
+    token_targets: Mapping[int, np.ndarray] | None = None,
 ) -> Iterator[tuple[Tensor, Tensor, Tensor]]:
-    """(features (B, T, H), mask (B, T), labels (B,)) on CPU, right-padded with zeros."""
+    """(features (B, T, H), mask (B, T), labels (B,), or (B, T) from `token_targets`) on CPU, right-padded
+    with zeros."""
     h = cache.hidden_size
     for start in range(0, len(order), batch_size):
         rows = order[start : start + batch_size]
@@ -172,7 +174,28 @@ def _batches(
         for b, s in enumerate(seqs):
             feats[b, : s.shape[0]] = s
             mask[b, : s.shape[0]] = 1
-        yield feats, mask, torch.from_numpy(labels[rows])
+        if token_targets is None:
+            yield feats, mask, torch.from_numpy(labels[rows])
+            continue
+        targets = torch.zeros(len(seqs), t)  # (B, T)
+        for b, (r, s) in enumerate(zip(rows, seqs, strict=True)):
+            targets[b, : s.shape[0]] = torch.as_tensor(token_targets[indices[r]][: s.shape[0]], dtype=torch.float32)
+        yield feats, mask, targets
+
+
+def _check_token_targets(
+    cache: FeatureCache, indices: Sequence[int], targets: Mapping[int, np.ndarray], max_tokens: int | None
+) -> None:
+    """Every train sequence needs one target in [0, 1] per token it trains on."""
+    for i in indices:
+        if i not in targets:
+            raise ValueError(f"token_targets has no entry for train sequence {i}; give one per train sequence")
+        need = min(int(cache.lengths[i]), max_tokens or int(cache.lengths[i]))
+        row = np.asarray(targets[i], dtype=np.float32)
+        if row.ndim != 1 or len(row) < need:
+            raise ValueError(f"token_targets[{i}] has shape {row.shape}; sequence {i} has {need} tokens to train on")
+        if ((row < 0) | (row > 1) | np.isnan(row)).any():
+            raise ValueError(f"token_targets[{i}] holds values outside [0, 1]")
 
 
 def _n_batches(n: int, batch_size: int) -> int:
@@ -214,13 +237,17 @@ def train_value_head(
     val_split: str | None = "validation",
     head_init: ValueHead | None = None,
     progress: bool = True,
+    token_targets: Mapping[int, np.ndarray] | None = None,
 ) -> TrainResult:
     """Train a `ValueHead(cache.hidden_size)` on ``train_split``, early-stopping on ``val_split``.
 
     ``head_init`` warm-starts from a copy of that head (the caller's is not touched); its card's
     threshold and ĉ(α) curve are dropped, as they belonged to the old weights. ``val_split=None``
     trains all epochs with no early stopping and no validation metrics. Needs every sequence of both
-    splits labelled. The returned head's card records the recipe in ``card.training``.
+    splits labelled. ``token_targets`` (cache index -> one target in [0, 1] per token, for every train
+    sequence; see `extract.prefix_targets`) replaces the train split's label broadcast to every token;
+    validation loss, early stopping and AUROC stay on the sequence labels, what steering is judged by.
+    The returned head's card records the recipe in ``card.training``.
     """
     from accelerate import Accelerator
 
@@ -229,6 +256,8 @@ def train_value_head(
     val_idx = cache.split(val_split) if val_split is not None else []
     y_train = _labels(cache, train_idx, train_split)
     y_val = _labels(cache, val_idx, val_split) if val_idx else np.zeros(0, dtype=np.float32)
+    if token_targets is not None:
+        _check_token_targets(cache, train_idx, token_targets, cfg.max_tokens)
 
     accelerator = Accelerator(cpu=cfg.device == "cpu")
     if accelerator.num_processes > 1:
@@ -265,7 +294,7 @@ def train_value_head(
         head.train()
         order = rng.permutation(len(train_idx))
         running, seen = 0.0, 0
-        batches = _batches(cache, train_idx, y_train, cfg.batch_size, cfg.max_tokens, order)
+        batches = _batches(cache, train_idx, y_train, cfg.batch_size, cfg.max_tokens, order, token_targets)
         bar = tqdm(batches, total=steps_per_epoch, desc=f"epoch {epoch}", leave=False, disable=not show)
         for feats, mask, y in bar:
             feats, mask, y = feats.to(device), mask.to(device), y.to(device)
@@ -327,6 +356,7 @@ def train_value_head(
         training={
             **head.card.training,
             "loss": "focal+td_coherence",
+            "targets": "per-token" if token_targets is not None else "sequence label",
             **{k: getattr(cfg, k) for k in ("alpha_pos", "gamma", "coh_weight", "epochs", "lr", "weight_decay")},
             "batch_size": cfg.batch_size,
             "epochs_run": len(history),
