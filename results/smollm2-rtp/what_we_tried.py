@@ -11,9 +11,10 @@ are round 1's in every variant, so the numbers compare. Run each step under the 
     flock /tmp/vsteer-heavy.lock python what_we_tried.py steer --r1 runs/r1 --out runs/exp --heads a,b
 
 The `prefix-targets` setting trains against per-token targets (`vsteer_hf.train.extract.prefix_targets`:
-1 from the token where the judge first scores the prefix toxic, and everywhere in a toxic sequence)
-instead of the sequence label on every token. `train` also records each head's AUROC on round 1's test
-split.
+1 at every token where the judge scores the prefix so far toxic, and everywhere in a toxic sequence)
+instead of the sequence label on every token; `prefix-only` against the prefix scores alone. `train` also
+records each head's AUROC on round 1's validation and test splits at the first token, the last token and
+the max over the continuation.
 
 `train` writes `train.json` (validation AUROC per sequence of every variant); `steer` writes
 `steer.json`: VFD K = 8 at each head's ĉ(0.3) against base on the 57 validation prompts x 4 samples
@@ -121,12 +122,14 @@ def train(args: argparse.Namespace) -> None:
             result.head.save_pretrained(out / "heads" / name.replace(":", "-"))
             history, best_epoch, val_auroc = result.history, result.best_epoch, result.val_auroc
             balance, seconds = result.class_balance, round(time.perf_counter() - began, 1)
+        aurocs = _position_aurocs(args, out / "heads" / name.replace(":", "-"))
         rows[name] = {
             "data": data,
             "setting": setting,
             "overrides": SETTINGS[setting],
             "val_auroc": val_auroc,
-            **_split_aurocs(_position_aurocs(args, out / "heads" / name.replace(":", "-"))),
+            "test_auroc": aurocs["test"]["max"],
+            "position_aurocs": aurocs,
             "best_epoch": best_epoch,
             "epochs_run": len(history),
             "n_train": balance["n_train"],
@@ -155,10 +158,6 @@ def _prefix_targets(args: argparse.Namespace, cache: Any, with_label: bool) -> d
     total = sum(len(t) for t in targets.values())
     print(f"prefix targets: {marked} of {total} train tokens marked ({time.perf_counter() - began:.0f} s)")
     return targets
-
-
-def _split_aurocs(aurocs: dict[str, dict[str, float]]) -> dict[str, Any]:
-    return {"test_auroc": aurocs["test"]["max"], "position_aurocs": aurocs}
 
 
 def _position_aurocs(args: argparse.Namespace, head_dir: Path) -> dict[str, dict[str, float]]:
