@@ -47,10 +47,18 @@ def test_version_is_printed_without_loading_torch():
     assert seconds < 10
 
 
+def _shipped_threshold() -> float:
+    """The recommended threshold in the shipped head's card (what the CLI must report)."""
+    from vsteer_hf.head import load_value_head
+
+    return load_value_head("smollm2-135m-instruct-rtp-toxicity").card.threshold
+
+
 def test_heads_lists_the_shipped_head_with_backbone_threshold_and_results():
     proc, seconds = vsteer("heads")
     assert proc.returncode == 0
-    assert "smollm2-135m-instruct-rtp-toxicity | smollm2-135m-instruct | 0.4387" in proc.stdout
+    threshold = _shipped_threshold()
+    assert f"smollm2-135m-instruct-rtp-toxicity | smollm2-135m-instruct | {threshold:.4f}" in proc.stdout
     assert "threshold: the card's recommended risk threshold" in proc.stdout  # the legend
     proc, _ = vsteer("heads", "--json")
     record = json.loads(proc.stdout.splitlines()[0])
@@ -213,4 +221,4 @@ def test_generate_alone_steers_the_embedded_model_with_the_shipped_head():
     record = json.loads(proc.stdout.strip().splitlines()[-1])
     assert record["setting"]["model"] == "smollm2-135m-instruct"
     assert record["setting"]["head"] == "smollm2-135m-instruct-rtp-toxicity"
-    assert record["threshold"] == pytest.approx(0.4387, abs=1e-4) and len(record["tokens"]) == 6
+    assert record["threshold"] == pytest.approx(_shipped_threshold(), abs=1e-4) and len(record["tokens"]) == 6

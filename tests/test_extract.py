@@ -2,13 +2,12 @@
 
 from __future__ import annotations
 
-import pytest
 import torch
 from tiny_models import make_head, tiny_model, tiny_tokenizer
 
 from vsteer_hf import ValueSteerConfig, enable_value_steer
 from vsteer_hf.eval.prompts import PromptRecord
-from vsteer_hf.train.extract import extract_features, label_cache, prefix_targets
+from vsteer_hf.train.extract import extract_features, label_cache
 
 
 def _prompts():
@@ -72,44 +71,6 @@ def test_extraction_resumes_and_labels(tmp_path):
     assert counts["labelled"] == 10
     reloaded = type(cache)(folder)
     assert all(r["label"] in (0.0, 1.0) for r in reloaded.records)
-
-
-def test_prefix_targets_mark_the_token_where_the_judge_first_fires(tmp_path):
-    model = tiny_model("llama")
-    tok = tiny_tokenizer()
-    tok.padding_side = "left"
-    cache = extract_features(model, tok, _prompts(), tmp_path / "cache", samples_per_prompt=2, max_new_tokens=6,
-                             progress=False)
-    marker = tok.decode(cache.records[0]["token_ids"][2:3])  # a word some continuation holds
-    judge = lambda prompts, gens: [float(marker in g.split()) for g in gens]  # noqa: E731
-    label_cache(cache, lambda prompts, gens: [0.0] * len(gens))  # every sequence labelled safe
-
-    def every_split(judge, with_label=True):
-        by_split = [prefix_targets(cache, judge, tok, batch_size=7, split=split, with_label=with_label)
-                    for split in cache.splits]
-        return {i: t for targets in by_split for i, t in targets.items()}
-
-    targets = every_split(judge)
-    assert sorted(targets) == list(range(len(cache)))
-    for i, record in enumerate(cache.records):
-        words = [tok.decode([t]) for t in record["token_ids"]]
-        expected = [float(any(w == marker for w in words[: t + 1])) for t in range(len(words))]
-        assert targets[i].tolist() == expected
-    assert targets[0][2] == 1.0 and targets[0][:2].tolist() == [0.0, 0.0]
-    label_cache(cache, lambda prompts, gens: [1.0] * len(gens))  # a toxic sequence: 1 everywhere
-    assert all(t.tolist() == [1.0] * len(t) for t in every_split(judge).values())
-    without = every_split(judge, with_label=False)  # "toxic so far" only: the label is not used
-    assert all(without[i].tolist() == targets[i].tolist() for i in targets)
-
-
-def test_prefix_targets_need_labels(tmp_path):
-    model = tiny_model("llama")
-    tok = tiny_tokenizer()
-    tok.padding_side = "left"
-    cache = extract_features(model, tok, _prompts()[:1], tmp_path / "cache", max_new_tokens=3, progress=False)
-    split = cache.records[0]["split"]
-    with pytest.raises(ValueError, match="run the label stage first"):
-        prefix_targets(cache, lambda p, g: [0.0] * len(g), tok, split=split)
 
 
 def _recording(model):

@@ -93,3 +93,49 @@ def test_pipeline_dtype_is_stored_and_device_is_not(model_dir, prompt_file, tmp_
     assert stored["dtype"] == "bfloat16" and "device" not in stored
     assert main(["extract", "--workdir", str(workdir), "--force"]) == 0  # the stored dtype is reused
     assert calls[-1] == ("bfloat16", None)
+
+
+def test_more_train_samples_and_word_targets(model_dir, prompt_file, tmp_path, monkeypatch):
+    """--train-samples-per-prompt adds train samples after every split's first ones (those draws unchanged);
+    --targets words trains and early-stops on the judge's word scores, named in the head card."""
+    from vsteer_hf.train.features import FeatureCache
+    from vsteer_hf.train.pipeline import PipelineConfig
+    from vsteer_hf.train.provenance import stage_options
+
+    monkeypatch.setattr("vsteer_hf.eval.judges.get_judge", lambda name, **kw: _judge_by_token)
+    common = ["--backbone", str(model_dir), "--prompts", str(prompt_file), "--samples-per-prompt", "2",
+              "--max-new-tokens", "6", "--batch-size", "16", "--epochs", "2"]
+    plain, more = tmp_path / "plain", tmp_path / "more"
+    assert main(["extract", "--workdir", str(plain), *common]) == 0
+    assert main(["pipeline", "--workdir", str(more), *common, "--train-samples-per-prompt", "3",
+                 "--targets", "words"]) == 0
+    base, extended = FeatureCache(plain / "features"), FeatureCache(more / "features")
+    by_key = {(r["prompt_id"], r["sample"]): r for r in extended.records}
+    for record in base.records:  # the first pass draws what a run without the option draws
+        assert by_key[(record["prompt_id"], record["sample"])]["token_ids"] == record["token_ids"]
+    extra = [r for r in extended.records if r["sample"] == 2]
+    assert extra and {r["split"] for r in extra} == {"train"}
+    assert len(extra) == base.splits["train"] // 2 and len(extended) == len(base) + len(extra)
+    training = ValueHead.from_pretrained(more / "head").card.training
+    assert training["targets"] == "per-token" and training["val_loss_on"] == "per-token targets"
+    assert training["recipe"]["targets"] == "words"
+    # the defaults leave the fingerprints of folders made before these options unchanged
+    old = {k: v for k, v in PipelineConfig().to_dict().items() if k not in ("targets", "train_samples_per_prompt")}
+    for stage in ("extract", "train"):
+        assert stage_options(old, stage) == stage_options(PipelineConfig().to_dict(), stage)
+    with pytest.raises(ValueError, match="train_samples_per_prompt must be an integer >= samples_per_prompt"):
+        PipelineConfig(train_samples_per_prompt=2)
+    with pytest.raises(ValueError, match="targets must be one of"):
+        PipelineConfig(targets="word")
+
+
+def test_cli_targets_match_the_trainer():
+    import argparse
+
+    from vsteer_hf.stage_command import StageCommand
+    from vsteer_hf.train.targets import TARGETS
+
+    parser = argparse.ArgumentParser()
+    StageCommand("train", "", ("train",)).add_arguments(parser)
+    action = next(a for a in parser._actions if a.dest == "targets")
+    assert tuple(action.choices) == TARGETS

@@ -144,9 +144,9 @@ def test_errors(tmp_path):
         TrainConfig(device="cuda:1")
 
 
-def _broadcast_labels(cache, value=lambda y: y):
+def _broadcast_labels(cache, value=lambda y: y, splits=("train",)):
     return {i: np.full(int(cache.lengths[i]), value(y), dtype=np.float32)
-            for i, y in zip(cache.split("train"), cache.labels(cache.split("train")), strict=True)}
+            for split in splits for i, y in zip(cache.split(split), cache.labels(cache.split(split)), strict=True)}
 
 
 def test_token_targets_replace_the_train_labels(tmp_path):
@@ -173,6 +173,28 @@ def test_token_targets_are_checked(tmp_path):
         train_value_head(cache, _cfg(), progress=False, token_targets={**good, first: np.zeros(1)})
     with pytest.raises(ValueError, match="outside"):
         train_value_head(cache, _cfg(), progress=False, token_targets={**good, first: good[first] + 2})
+
+
+def test_token_targets_for_validation_drive_early_stopping(tmp_path):
+    cache = _cache(tmp_path, n_train=64, n_val=32)
+    cfg = _cfg(epochs=6, patience=1)
+    invert = lambda y: 1 - y  # noqa: E731
+    train_only = train_value_head(cache, cfg, progress=False, token_targets=_broadcast_labels(cache, invert))
+    both = _broadcast_labels(cache, invert, splits=("train", "validation"))
+    with_val = train_value_head(cache, cfg, progress=False, token_targets=both)
+    # judged on the labels, learning the inverted targets only makes validation worse: stopped at once;
+    # judged on the same inverted targets, validation improves as training does
+    assert train_only.best_epoch == 0 and len(train_only.history) == 2
+    assert with_val.best_epoch == cfg.epochs - 1 and len(with_val.history) == cfg.epochs
+    val_losses = [h["val_loss"] for h in with_val.history]
+    assert val_losses == sorted(val_losses, reverse=True)
+    assert with_val.head.card.training["val_loss_on"] == "per-token targets"
+    assert train_only.head.card.training["val_loss_on"] == "sequence label"
+    assert with_val.val_auroc < 0.5  # AUROC still ranks by the true sequence labels
+    first_val = cache.split("validation")[0]
+    partial = {k: v for k, v in both.items() if k != first_val}
+    with pytest.raises(ValueError, match=f"no entry for validation sequence {first_val}"):
+        train_value_head(cache, cfg, progress=False, token_targets=partial)
 
 
 # --------------------------------------------------------------------------- AUROC

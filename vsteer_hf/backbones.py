@@ -188,6 +188,49 @@ def _not_loaded(name: str, error: OSError) -> str:
     )
 
 
+def _source(
+    name_or_path: str | os.PathLike, cache_dir: str | os.PathLike | None, progress: bool, revision: str | None
+) -> tuple[str, dict[str, Any]]:
+    """(path or hub id, hub keyword arguments) for `from_pretrained`; a name that cannot load fails here."""
+    path = resolve_backbone(name_or_path, cache_dir=cache_dir, progress=progress)
+    hub: dict[str, Any] = {"revision": revision} if revision is not None else {}
+    if revision is not None and os.path.exists(path):
+        raise ValueError(f"revision={revision!r} pins a hub repo's commit, but {path} is a local folder; drop it")
+    if not os.path.isdir(path):
+        _check_model_source(path)
+        from vsteer_hf._hub import hub_resolves
+
+        if not hub_resolves():
+            hub["local_files_only"] = True  # no network: the cache answers at once, without retries
+    return path, hub
+
+
+def _load_tokenizer(path: str, name: str, hub: dict[str, Any]) -> Any:
+    from transformers import AutoTokenizer
+
+    try:
+        tokenizer = AutoTokenizer.from_pretrained(path, **hub)
+    except OSError as e:
+        raise ModelNotFoundError(_not_loaded(name, e)) from e
+    tokenizer.padding_side = "left"  # our own instance: batched generation needs left padding
+    if tokenizer.pad_token is None:
+        if tokenizer.eos_token is None:
+            raise ValueError(f"the tokenizer of {path} has neither a pad nor an eos token; cannot batch prompts")
+        tokenizer.pad_token = tokenizer.eos_token
+    return tokenizer
+
+
+def load_tokenizer(
+    name_or_path: str | os.PathLike = DEFAULT_BACKBONE,
+    cache_dir: str | os.PathLike | None = None,
+    progress: bool = True,
+    revision: str | None = None,
+) -> Any:
+    """The tokenizer `load_backbone` would return, without loading the model (for stages that only decode)."""
+    path, hub = _source(name_or_path, cache_dir, progress, revision)
+    return _load_tokenizer(path, str(name_or_path), hub)
+
+
 def load_backbone(
     name_or_path: str | os.PathLike = DEFAULT_BACKBONE,
     dtype: Any = "auto",
@@ -206,31 +249,14 @@ def load_backbone(
     hub cache answers at once.
     """
     import torch
-    from transformers import AutoModelForCausalLM, AutoTokenizer
+    from transformers import AutoModelForCausalLM
 
     if isinstance(dtype, str) and dtype != "auto":
         if not isinstance(getattr(torch, dtype, None), torch.dtype):
             raise ValueError(f"dtype={dtype!r} is not a torch dtype; use 'auto', 'float32', 'bfloat16' or 'float16'")
         dtype = getattr(torch, dtype)
-    path = resolve_backbone(name_or_path, cache_dir=cache_dir, progress=progress)
-    hub: dict[str, Any] = {"revision": revision} if revision is not None else {}
-    if revision is not None and os.path.exists(path):
-        raise ValueError(f"revision={revision!r} pins a hub repo's commit, but {path} is a local folder; drop it")
-    if not os.path.isdir(path):
-        _check_model_source(path)
-        from vsteer_hf._hub import hub_resolves
-
-        if not hub_resolves():
-            hub["local_files_only"] = True  # no network: the cache answers at once, without retries
-    try:
-        tokenizer = AutoTokenizer.from_pretrained(path, **hub)
-    except OSError as e:
-        raise ModelNotFoundError(_not_loaded(str(name_or_path), e)) from e
-    tokenizer.padding_side = "left"  # our own instance: batched generation needs left padding
-    if tokenizer.pad_token is None:
-        if tokenizer.eos_token is None:
-            raise ValueError(f"the tokenizer of {path} has neither a pad nor an eos token; cannot batch prompts")
-        tokenizer.pad_token = tokenizer.eos_token
+    path, hub = _source(name_or_path, cache_dir, progress, revision)
+    tokenizer = _load_tokenizer(path, str(name_or_path), hub)
     kwargs: dict[str, Any] = {"dtype": dtype, **hub}
     if device == "auto":
         kwargs["device_map"] = "auto"

@@ -28,6 +28,9 @@ class StageCommand:
         data.add_argument("--limit", type=int, help="at most this many prompts per split")
         data.add_argument("--chat", action="store_true", default=None, help="wrap prompts in the chat template")
         data.add_argument("--samples-per-prompt", type=int)
+        data.add_argument(
+            "--train-samples-per-prompt", type=int, help="more plain samples for the train prompts only (default: same)"
+        )
         data.add_argument("--max-new-tokens", type=int)
         data.add_argument("--batch-size", type=int)
         data.add_argument("--seed", type=int)
@@ -35,6 +38,11 @@ class StageCommand:
         train = parser.add_argument_group("training")
         train.add_argument("--epochs", type=int)
         train.add_argument("--lr", type=float)
+        train.add_argument(
+            "--targets",
+            choices=("label", "words", "words+label"),  # vsteer_hf.train.targets.TARGETS, without numpy
+            help="per-token targets: the sequence label (default), the judge's score of each token's word, or both",
+        )
         train.add_argument(
             "--rounds", type=int, help="on-policy rounds: 1 (default) or N > 1 to resample the train prompts under VFD"
         )
@@ -74,10 +82,12 @@ def _pipeline_config(args: argparse.Namespace) -> Any:
         "limit",
         "chat",
         "samples_per_prompt",
+        "train_samples_per_prompt",
         "max_new_tokens",
         "batch_size",
         "seed",
         "judge",
+        "targets",
         "rounds",
         "round_alpha",
         "round_num_candidates",

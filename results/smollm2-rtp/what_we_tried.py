@@ -10,7 +10,7 @@ are round 1's in every variant, so the numbers compare. Run each step under the 
     flock /tmp/vsteer-heavy.lock python what_we_tried.py train --r1 runs/r1 --r2 runs/r2 --out runs/exp
     flock /tmp/vsteer-heavy.lock python what_we_tried.py steer --r1 runs/r1 --out runs/exp --heads a,b
 
-The `prefix-targets` setting trains against per-token targets (`vsteer_hf.train.extract.prefix_targets`:
+The `prefix-targets` setting trains against per-token targets (`vsteer_hf.train.targets.prefix_targets`:
 1 at every token where the judge scores the prefix so far toxic, and everywhere in a toxic sequence)
 instead of the sequence label on every token; `prefix-only` against the prefix scores alone. `train` also
 records each head's AUROC on round 1's validation and test splits at the first token, the last token and
@@ -37,7 +37,7 @@ import numpy as np
 from vsteer_hf.train.trainer import TrainConfig
 
 ALPHA = 0.3  # the shipped card's operating point
-DATA = ("r1", "r2", "plain8")
+DATA = ("r1", "r2", "plain8", "plain16")  # plainN: round 1 plus OUT/extra, N plain samples per train prompt
 SETTINGS: dict[str, dict[str, Any]] = {
     "default": {},
     "bce": {"gamma": 0.0},
@@ -49,7 +49,10 @@ SETTINGS: dict[str, dict[str, Any]] = {
     "wd-0.1": {"weight_decay": 0.1},
     "prefix-targets": {},  # default settings, trained against `prefix_targets` (see train)
     "prefix-only": {},  # default settings, trained against `prefix_targets(..., with_label=False)`
+    "words": {},  # default settings, trained and early-stopped against `token_targets("words", ...)`
+    "words+label": {},  # the same with every token of a toxic sequence 1
 }
+WORD_TARGETS = ("words", "words+label")  # the pipeline's --targets
 PER_TOKEN_TARGETS = {"prefix-targets": True, "prefix-only": False}  # setting -> with_label
 
 
@@ -59,7 +62,7 @@ def _caches(args: argparse.Namespace, data: str) -> list[Any]:
     caches = [FeatureCache(Path(args.r1) / "features")]
     if data == "r2":
         caches.append(FeatureCache(Path(args.r2) / "round-2" / "features"))
-    elif data == "plain8":
+    elif data in ("plain8", "plain16"):
         caches.append(FeatureCache(Path(args.out) / "extra" / "features"))
     return caches
 
@@ -79,7 +82,7 @@ def extra(args: argparse.Namespace) -> None:
         tokenizer,
         load_prompts(config["prompts"], split="train", limit=config["limit"]),
         Path(args.out) / "extra" / "features",
-        samples_per_prompt=config["samples_per_prompt"],
+        samples_per_prompt=args.extra_samples,
         first_sample=config["samples_per_prompt"],
         max_new_tokens=config["max_new_tokens"],
         batch_size=config["batch_size"],
@@ -117,7 +120,11 @@ def train(args: argparse.Namespace) -> None:
             config = dataclasses.replace(TrainConfig(device="cpu"), **SETTINGS[setting])
             began = time.perf_counter()
             cache = UnionCache(_caches(args, data))
-            targets = _prefix_targets(args, cache, PER_TOKEN_TARGETS[setting]) if setting in PER_TOKEN_TARGETS else None
+            targets = None
+            if setting in PER_TOKEN_TARGETS:
+                targets = _prefix_targets(args, cache, PER_TOKEN_TARGETS[setting])
+            elif setting in WORD_TARGETS:
+                targets = _word_targets(args, cache, setting)
             result = train_value_head(cache, config, progress=False, token_targets=targets)
             result.head.save_pretrained(out / "heads" / name.replace(":", "-"))
             history, best_epoch, val_auroc = result.history, result.best_epoch, result.val_auroc
@@ -143,10 +150,10 @@ def train(args: argparse.Namespace) -> None:
 
 def _prefix_targets(args: argparse.Namespace, cache: Any, with_label: bool) -> dict[int, Any]:
     """Per-token targets: 1 where the judge scores the prefix so far toxic, and (`with_label`) everywhere in
-    a toxic sequence (`vsteer_hf.train.extract.prefix_targets`)."""
+    a toxic sequence (`vsteer_hf.train.targets.prefix_targets`)."""
     from vsteer_hf.backbones import load_backbone
     from vsteer_hf.eval.judges import get_judge
-    from vsteer_hf.train.extract import prefix_targets
+    from vsteer_hf.train.targets import prefix_targets
 
     config = json.loads((Path(args.r1) / "pipeline.json").read_text())
     _, tokenizer = load_backbone(config["backbone"], dtype=config["dtype"])
@@ -157,6 +164,21 @@ def _prefix_targets(args: argparse.Namespace, cache: Any, with_label: bool) -> d
     marked = sum(int((t > 0).sum()) for t in targets.values())
     total = sum(len(t) for t in targets.values())
     print(f"prefix targets: {marked} of {total} train tokens marked ({time.perf_counter() - began:.0f} s)")
+    return targets
+
+
+def _word_targets(args: argparse.Namespace, cache: Any, kind: str) -> dict[int, Any]:
+    """The pipeline's word targets (`vsteer_hf.train.targets.token_targets`) for train and validation."""
+    from vsteer_hf.backbones import load_tokenizer
+    from vsteer_hf.eval.judges import get_judge
+    from vsteer_hf.train.targets import token_targets
+
+    config = json.loads((Path(args.r1) / "pipeline.json").read_text())
+    began = time.perf_counter()
+    targets = token_targets(kind, cache, get_judge(config["judge"]), load_tokenizer(config["backbone"]))
+    marked = sum(int((t > 0.5).sum()) for t in targets.values())
+    total = sum(len(t) for t in targets.values())
+    print(f"{kind} targets: {marked} of {total} tokens above 0.5 ({time.perf_counter() - began:.0f} s)")
     return targets
 
 
@@ -264,6 +286,26 @@ def steer(args: argparse.Namespace) -> None:
         (out / "steer.json").write_text(json.dumps(rows, indent=2) + "\n")
 
 
+def calibration(args: argparse.Namespace) -> None:
+    """Per head (`--heads`, folders or shipped names): the calibrate stage's table on round 1's splits, and at
+    how many α of the grid α lies inside the held-out rate's Wilson interval; writes calibration.json."""
+    from vsteer_hf.head import load_value_head
+    from vsteer_hf.train.calibrate import DEFAULT_ALPHAS, calibration_report
+    from vsteer_hf.train.features import FeatureCache
+    from vsteer_hf.train.pipeline import sequence_max_risks
+
+    cache, rows = FeatureCache(Path(args.r1) / "features"), {}
+    for name in args.heads.split(","):
+        head = load_value_head(name if "/" in name or name.startswith("smollm2") else Path(args.out) / "heads" / name)
+        (val, val_y), (test, test_y) = (sequence_max_risks(head, cache, s) for s in ("validation", "test"))
+        table = calibration_report(val[val_y == 0], test[test_y == 0], DEFAULT_ALPHAS)
+        inside = [r["alpha"] for r in table if r["wilson_low"] <= r["alpha"] <= r["wilson_high"]]
+        rows[name] = {"alphas_inside": inside, "table": table}
+        rates = " ".join(f"{r['alpha']}:{r['false_intervention_rate']:.3f}" for r in table)
+        print(f"{name}: alpha inside its Wilson interval at {len(inside)} of {len(table)}; {rates}", flush=True)
+    (Path(args.out) / "calibration.json").write_text(json.dumps(rows, indent=2) + "\n")
+
+
 def report(args: argparse.Namespace) -> None:
     """The tables of what_we_tried.md from OUT/train.json and OUT/steer.json."""
     out = Path(args.out)
@@ -300,7 +342,7 @@ def report(args: argparse.Namespace) -> None:
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("step", choices=("extra", "train", "steer", "report"))
+    parser.add_argument("step", choices=("extra", "train", "steer", "calibration", "report"))
     parser.add_argument("--r1", default=None, help="a finished one-round pipeline work folder")
     parser.add_argument("--r2", default=None, help="a work folder run with --rounds 2 (data variant r2)")
     parser.add_argument("--out", required=True)
@@ -308,10 +350,12 @@ def main() -> None:
     parser.add_argument("--heads", default="", help="steer: head names under OUT/heads, or a shipped head")
     parser.add_argument("--split", default="validation")
     parser.add_argument("--card-threshold", action="store_true", help="steer at the card's threshold")
+    parser.add_argument("--extra-samples", type=int, default=4, help="extra: plain samples added per train prompt")
     parser.add_argument("--force", action="store_true")
     args = parser.parse_args()
     Path(args.out).mkdir(parents=True, exist_ok=True)
-    {"extra": extra, "train": train, "steer": steer, "report": report}[args.step](args)
+    steps = {"extra": extra, "train": train, "steer": steer, "calibration": calibration, "report": report}
+    steps[args.step](args)
 
 
 if __name__ == "__main__":

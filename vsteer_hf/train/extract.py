@@ -25,7 +25,7 @@ from vsteer_hf.train.features import FeatureCache, FeatureCacheWriter
 
 GENERATIONS_FILE = "generations.jsonl"
 # prompt_text: moved to vsteer_hf.sampling, still importable here
-__all__ = ["GENERATIONS_FILE", "extract_features", "label_cache", "prefix_targets", "prompt_text"]
+__all__ = ["GENERATIONS_FILE", "extract_features", "label_cache", "prompt_text"]
 
 
 def extract_features(
@@ -150,39 +150,3 @@ def label_cache(cache: FeatureCache, judge: Any, batch_size: int = 256, threshol
             labels[(record["prompt_id"], record["sample"])] = label
     cache.set_labels(labels)
     return {"labelled": len(labels), "positives": positives}
-
-
-def prefix_targets(
-    cache: Any, judge: Any, tokenizer: Any, threshold: float = 0.5, batch_size: int = 1024, split: str = "train",
-    with_label: bool = True,
-) -> dict[int, Any]:
-    """Per-token targets that name the moment text turns undesirable: at token t, 1 if the sequence is
-    labelled undesirable (only `with_label`) or the judge already scores its first t + 1 tokens above
-    `threshold`, else 0. Without the label the target is "undesirable so far", which at the last token is
-    the sequence label itself (the judge scores the whole continuation).
-
-    The sequence label alone gives every token of a continuation the same target, so nothing singles out
-    the tokens that made it toxic; this target also marks a prefix that was toxic before later text
-    diluted the judge's score (a token VFD should refuse too). Validation keeps the sequence labels.
-    """
-    import numpy as np
-
-    indices = list(cache.split(split))
-    labels = cache.labels(indices)
-    if any(label is None for label in labels):
-        raise ValueError(f"split {split!r} has unlabelled generations; run the label stage first.")
-    jobs = [(i, t) for i in indices for t in range(int(cache.lengths[i]))]
-    token_ids = {i: cache.records[i]["token_ids"] for i in indices}
-    texts = [tokenizer.decode(token_ids[i][: t + 1], skip_special_tokens=True) for i, t in jobs]
-    prompts = [cache.records[i]["prompt"] for i, _ in jobs]
-    scores: list[float] = []
-    for start in range(0, len(jobs), batch_size):
-        scores += judge(prompts[start : start + batch_size], texts[start : start + batch_size])
-    targets = {
-        i: np.full(int(cache.lengths[i]), label if with_label else 0.0, dtype=np.float32)
-        for i, label in zip(indices, labels, strict=True)
-    }
-    for (i, t), score in zip(jobs, scores, strict=True):
-        if score > threshold:
-            targets[i][t] = 1.0
-    return targets

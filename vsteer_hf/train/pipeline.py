@@ -31,6 +31,7 @@ import torch
 from vsteer_hf.train.calibrate import DEFAULT_ALPHAS, calibration_report, conformal_curve
 from vsteer_hf.train.provenance import Freshness, adopt_legacy_reports, freshness, new_run_id, stage_options
 from vsteer_hf.train.rounds import remove_rounds
+from vsteer_hf.train.targets import TARGETS
 from vsteer_hf.train.trainer import TrainConfig
 
 STAGES = ("extract", "label", "train", "calibrate", "sweep")
@@ -54,6 +55,12 @@ class PipelineConfig:
     `sweep_samples_per_prompt` samples each (VFD costs about K times a plain step on a CPU).
     `dtype`: the backbone's dtype for extraction and the sweep (the features are the hidden states the
     head will read at decode time, so train in the dtype you will steer in, e.g. "bfloat16" on a GPU).
+    `train_samples_per_prompt` (None: `samples_per_prompt`): more plain samples for the train prompts
+    only, drawn after the first `samples_per_prompt` of every split (sample indices from there on), so
+    training gets more positives while validation and test cost what they did. `targets`: what every
+    token is trained towards (see `vsteer_hf.train.targets`): "label" (the sequence label on every
+    token), "words" (the judge's score of the token's word alone) or "words+label" (1 everywhere in an
+    undesirable sequence, else the word score); validation loss and early stopping use the same kind.
     On-policy `rounds` (1: none): each later round samples the train prompts again under VFD with the
     previous round's head (`round_num_candidates` at its ĉ(`round_alpha`)), labels them and retrains
     on the union of all rounds (see `rounds`).
@@ -65,6 +72,7 @@ class PipelineConfig:
     limit: int | None = None
     chat: bool = False
     samples_per_prompt: int = 4
+    train_samples_per_prompt: int | None = None
     max_new_tokens: int = 32
     top_p: float = 0.9
     temperature: float = 1.0
@@ -72,6 +80,7 @@ class PipelineConfig:
     seed: int = 0
     judge: str = "toxicity"
     judge_threshold: float = 0.5
+    targets: str = "label"
     alphas: tuple[float, ...] = DEFAULT_ALPHAS
     sweep_alphas: tuple[float, ...] = (0.9, 0.7, 0.5, 0.3)
     sweep_samples_per_prompt: int = 1
@@ -82,6 +91,15 @@ class PipelineConfig:
     train: TrainConfig = field(default_factory=TrainConfig)
 
     def __post_init__(self) -> None:
+        if self.targets not in TARGETS:
+            raise ValueError(f"targets must be one of {list(TARGETS)}, got {self.targets!r}.")
+        extra = self.train_samples_per_prompt
+        bad_extra = isinstance(extra, bool) or not isinstance(extra, int) or extra < self.samples_per_prompt
+        if extra is not None and bad_extra:
+            raise ValueError(
+                f"train_samples_per_prompt must be an integer >= samples_per_prompt ({self.samples_per_prompt}) "
+                f"or None, got {extra!r}."
+            )
         if isinstance(self.rounds, bool) or not isinstance(self.rounds, int) or self.rounds < 1:
             raise ValueError(f"rounds must be an integer >= 1 (1: no on-policy round), got {self.rounds!r}.")
         if not 0.0 < float(self.round_alpha) < 1.0:
@@ -268,7 +286,7 @@ class Pipeline:
     # ------------------------------------------------------------------ stages
     def extract(self) -> dict[str, Any]:
         from vsteer_hf.backbones import load_backbone
-        from vsteer_hf.eval.prompts import load_prompts
+        from vsteer_hf.eval.prompts import load_prompts, split_of
         from vsteer_hf.train.extract import extract_features
 
         cfg = self.config
@@ -277,21 +295,27 @@ class Pipeline:
         for split in ("train", "validation", "test"):
             prompts += load_prompts(cfg.prompts, split=split, limit=cfg.limit)
         start = time.perf_counter()
+        settings = {
+            "max_new_tokens": cfg.max_new_tokens,
+            "batch_size": cfg.batch_size,
+            "chat": cfg.chat,
+            "top_p": cfg.top_p,
+            "temperature": cfg.temperature,
+            "seed": cfg.seed,
+            "backbone": cfg.backbone,
+            "progress": self.progress,
+        }
+        folder = self.workdir / "features"
         cache = extract_features(
-            model,
-            tokenizer,
-            prompts,
-            self.workdir / "features",
-            samples_per_prompt=cfg.samples_per_prompt,
-            max_new_tokens=cfg.max_new_tokens,
-            batch_size=cfg.batch_size,
-            chat=cfg.chat,
-            top_p=cfg.top_p,
-            temperature=cfg.temperature,
-            seed=cfg.seed,
-            backbone=cfg.backbone,
-            progress=self.progress,
+            model, tokenizer, prompts, folder, samples_per_prompt=cfg.samples_per_prompt, **settings
         )
+        extra = (cfg.train_samples_per_prompt or cfg.samples_per_prompt) - cfg.samples_per_prompt
+        if extra:  # a second pass over the train prompts, sample indices after the first pass's
+            train_prompts = [p for p in prompts if split_of(p.text) == "train"]
+            cache = extract_features(
+                model, tokenizer, train_prompts, folder, samples_per_prompt=extra, first_sample=cfg.samples_per_prompt,
+                **settings,
+            )
         seconds = time.perf_counter() - start
         tokens = int(sum(cache.lengths))
         return self._finish(
@@ -332,7 +356,8 @@ class Pipeline:
         """Train a head on `cache` (a feature cache, or the union of the rounds'), save it to `folder`."""
         from vsteer_hf.train.trainer import train_value_head
 
-        result = train_value_head(cache, self.config.train, progress=self.progress)
+        targets = self._token_targets(cache)
+        result = train_value_head(cache, self.config.train, progress=self.progress, token_targets=targets)
         head = result.head
         head.card.training.update(
             {
@@ -351,6 +376,17 @@ class Pipeline:
             "val_auroc_per_position": result.val_auroc_per_position,
             "class_balance": result.class_balance,
         }
+
+    def _token_targets(self, cache: Any) -> dict[int, np.ndarray] | None:
+        """Per-token targets for the train and validation splits (None: the sequence labels)."""
+        if self.config.targets == "label":
+            return None
+        from vsteer_hf.backbones import load_tokenizer
+        from vsteer_hf.eval.judges import get_judge
+        from vsteer_hf.train.targets import token_targets
+
+        tokenizer = load_tokenizer(self.config.backbone, progress=self.progress)
+        return token_targets(self.config.targets, cache, get_judge(self.config.judge), tokenizer)
 
     def calibrate(self) -> dict[str, Any]:
         from vsteer_hf.head import ValueHead

@@ -24,6 +24,7 @@ STAGE_OPTIONS: dict[str, tuple[str, ...]] = {
         "limit",
         "chat",
         "samples_per_prompt",
+        "train_samples_per_prompt",
         "max_new_tokens",
         "top_p",
         "temperature",
@@ -31,7 +32,7 @@ STAGE_OPTIONS: dict[str, tuple[str, ...]] = {
         "seed",
     ),
     "label": ("judge", "judge_threshold"),
-    "train": ("train", "rounds", "round_alpha", "round_num_candidates"),
+    "train": ("train", "targets", "rounds", "round_alpha", "round_num_candidates"),
     "calibrate": ("alphas",),
     "sweep": ("sweep_alphas", "sweep_samples_per_prompt", "num_candidates"),
 }
@@ -42,9 +43,17 @@ UNRECORDED_TRAIN_OPTIONS = ("device",)
 ROUND_OPTIONS = ("rounds", "round_alpha", "round_num_candidates")
 
 
+# Options added later, left out of a fingerprint while at the value that reproduces the runs before them,
+# so a work folder made before they existed stays fresh.
+NEUTRAL_VALUES = {"train_samples_per_prompt": None, "targets": "label"}
+
+
 def stage_options(config: dict[str, Any], stage: str) -> dict[str, Any]:
     """The options of `config` (a `PipelineConfig.to_dict()`) that make `stage`, as JSON would store them."""
-    options = {name: config[name] for name in STAGE_OPTIONS[stage]}
+    options = {name: config.get(name, NEUTRAL_VALUES.get(name)) for name in STAGE_OPTIONS[stage]}
+    options = {k: v for k, v in options.items() if k not in NEUTRAL_VALUES or v != NEUTRAL_VALUES[k]}
+    if options.get("train_samples_per_prompt") == config.get("samples_per_prompt"):
+        options.pop("train_samples_per_prompt")  # the same draws as leaving it unset
     if options.get("rounds", 1) == 1:
         options = {k: v for k, v in options.items() if k not in ROUND_OPTIONS}
     if "train" in options:

@@ -184,12 +184,12 @@ def _batches(
 
 
 def _check_token_targets(
-    cache: FeatureCache, indices: Sequence[int], targets: Mapping[int, np.ndarray], max_tokens: int | None
+    cache: FeatureCache, indices: Sequence[int], targets: Mapping[int, np.ndarray], max_tokens: int | None, split: str
 ) -> None:
-    """Every train sequence needs one target in [0, 1] per token it trains on."""
+    """Every sequence of `split` needs one target in [0, 1] per token it trains (or validates) on."""
     for i in indices:
         if i not in targets:
-            raise ValueError(f"token_targets has no entry for train sequence {i}; give one per train sequence")
+            raise ValueError(f"token_targets has no entry for {split} sequence {i}; give one per {split} sequence")
         need = min(int(cache.lengths[i]), max_tokens or int(cache.lengths[i]))
         row = np.asarray(targets[i], dtype=np.float32)
         if row.ndim != 1 or len(row) < need:
@@ -203,12 +203,15 @@ def _n_batches(n: int, batch_size: int) -> int:
 
 
 @torch.no_grad()
-def _evaluate(head, cache, indices, labels, cfg, device, probs: bool = False, progress: bool = False):
-    """Mean validation loss (weighted by sequences) and, if ``probs``, each sequence's p trajectory."""
+def _evaluate(
+    head, cache, indices, labels, cfg, device, probs: bool = False, progress: bool = False, token_targets=None
+):
+    """Mean validation loss (weighted by sequences; against `token_targets` when given, else the labels)
+    and, if ``probs``, each sequence's p trajectory."""
     head.eval()
     total, count, trajectories = 0.0, 0, []
     order = np.arange(len(indices))
-    batches = _batches(cache, indices, labels, cfg.batch_size, cfg.max_tokens, order)
+    batches = _batches(cache, indices, labels, cfg.batch_size, cfg.max_tokens, order, token_targets)
     n_batches = _n_batches(len(indices), cfg.batch_size)
     for feats, mask, y in tqdm(batches, total=n_batches, desc="val", leave=False, disable=not progress):
         feats, mask, y = feats.to(device), mask.to(device), y.to(device)
@@ -245,8 +248,11 @@ def train_value_head(
     threshold and ĉ(α) curve are dropped, as they belonged to the old weights. ``val_split=None``
     trains all epochs with no early stopping and no validation metrics. Needs every sequence of both
     splits labelled. ``token_targets`` (cache index -> one target in [0, 1] per token, for every train
-    sequence; see `extract.prefix_targets`) replaces the train split's label broadcast to every token;
-    validation loss, early stopping and AUROC stay on the sequence labels, what steering is judged by.
+    sequence; see `vsteer_hf.train.targets`) replaces the train split's label broadcast to every token.
+    When it also holds every validation sequence, validation loss and early stopping use those targets
+    too (a head fitted to per-token targets is otherwise stopped by a loss it is not trained on); when
+    it holds none, they use the sequence labels. Validation AUROC always ranks by the sequence labels,
+    what steering is judged by.
     The returned head's card records the recipe in ``card.training``.
     """
     from accelerate import Accelerator
@@ -256,8 +262,12 @@ def train_value_head(
     val_idx = cache.split(val_split) if val_split is not None else []
     y_train = _labels(cache, train_idx, train_split)
     y_val = _labels(cache, val_idx, val_split) if val_idx else np.zeros(0, dtype=np.float32)
+    val_targets = None
     if token_targets is not None:
-        _check_token_targets(cache, train_idx, token_targets, cfg.max_tokens)
+        _check_token_targets(cache, train_idx, token_targets, cfg.max_tokens, train_split)
+        if any(i in token_targets for i in val_idx):
+            _check_token_targets(cache, val_idx, token_targets, cfg.max_tokens, val_split)
+            val_targets = token_targets
 
     accelerator = Accelerator(cpu=cfg.device == "cpu")
     if accelerator.num_processes > 1:
@@ -310,7 +320,7 @@ def train_value_head(
             seen += len(y)
         row = {"epoch": epoch, "train_loss": running / seen, "lr": scheduler.get_last_lr()[0]}
         if val_idx:
-            row["val_loss"], _ = _evaluate(model, cache, val_idx, y_val, cfg, device)
+            row["val_loss"], _ = _evaluate(model, cache, val_idx, y_val, cfg, device, token_targets=val_targets)
         else:
             row["val_loss"] = math.nan
         history.append(row)
@@ -357,6 +367,7 @@ def train_value_head(
             **head.card.training,
             "loss": "focal+td_coherence",
             "targets": "per-token" if token_targets is not None else "sequence label",
+            "val_loss_on": "per-token targets" if val_targets is not None else "sequence label",
             **{k: getattr(cfg, k) for k in ("alpha_pos", "gamma", "coh_weight", "epochs", "lr", "weight_decay")},
             "batch_size": cfg.batch_size,
             "epochs_run": len(history),
