@@ -151,15 +151,15 @@ def train(args: argparse.Namespace) -> None:
 def _prefix_targets(args: argparse.Namespace, cache: Any, with_label: bool) -> dict[int, Any]:
     """Per-token targets: 1 where the judge scores the prefix so far toxic, and (`with_label`) everywhere in
     a toxic sequence (`vsteer_hf.train.targets.prefix_targets`)."""
-    from vsteer_hf.backbones import load_backbone
+    from vsteer_hf.backbones import load_tokenizer
     from vsteer_hf.eval.judges import get_judge
     from vsteer_hf.train.targets import prefix_targets
 
     config = json.loads((Path(args.r1) / "pipeline.json").read_text())
-    _, tokenizer = load_backbone(config["backbone"], dtype=config["dtype"])
     began = time.perf_counter()
     targets = prefix_targets(
-        cache, get_judge(config["judge"]), tokenizer, threshold=config["judge_threshold"], with_label=with_label
+        cache, get_judge(config["judge"]), load_tokenizer(config["backbone"]), threshold=config["judge_threshold"],
+        with_label=with_label,
     )
     marked = sum(int((t > 0).sum()) for t in targets.values())
     total = sum(len(t) for t in targets.values())
@@ -206,6 +206,11 @@ def _position_aurocs(args: argparse.Namespace, head_dir: Path) -> dict[str, dict
                 labels.append(record["label"])
         out[split] = {name: auroc(np.asarray(v), np.asarray(labels)) for name, v in scores.items()}
     return out
+
+
+def _head_source(args: argparse.Namespace, name: str) -> str | Path:
+    """A `--heads` entry: a path or a shipped head's name as given, else a head trained here (OUT/heads/NAME)."""
+    return name if "/" in name or name.startswith("smollm2") else Path(args.out) / "heads" / name
 
 
 def offensive_vocabulary() -> set[str]:
@@ -273,8 +278,7 @@ def steer(args: argparse.Namespace) -> None:
         key = f"{name}@{args.split}"
         if key in rows and not args.force:
             continue
-        source = name if "/" in name or name.startswith("smollm2") else out / "heads" / name
-        head = load_value_head(source)
+        head = load_value_head(_head_source(args, name))
         threshold = head.card.threshold if args.card_threshold else round_threshold(head, calibration, ALPHA)
         vfd = ValueSteerConfig(head=head, threshold=threshold, num_candidates=8)
         rows[key] = row(generate_method(name, model, tokenizer, prompts, settings, vfd), threshold)
@@ -296,7 +300,7 @@ def calibration(args: argparse.Namespace) -> None:
 
     cache, rows = FeatureCache(Path(args.r1) / "features"), {}
     for name in args.heads.split(","):
-        head = load_value_head(name if "/" in name or name.startswith("smollm2") else Path(args.out) / "heads" / name)
+        head = load_value_head(_head_source(args, name))
         (val, val_y), (test, test_y) = (sequence_max_risks(head, cache, s) for s in ("validation", "test"))
         table = calibration_report(val[val_y == 0], test[test_y == 0], DEFAULT_ALPHAS)
         inside = [r["alpha"] for r in table if r["wilson_low"] <= r["alpha"] <= r["wilson_high"]]

@@ -24,8 +24,7 @@ from vsteer_hf.sampling import prompt_text, sample_in_batches
 from vsteer_hf.train.features import FeatureCache, FeatureCacheWriter
 
 GENERATIONS_FILE = "generations.jsonl"
-# prompt_text: moved to vsteer_hf.sampling, still importable here
-__all__ = ["GENERATIONS_FILE", "extract_features", "label_cache", "prompt_text"]
+__all__ = ["GENERATIONS_FILE", "extract_features", "label_cache", "prompt_text"]  # prompt_text: moved, still here
 
 
 def extract_features(
