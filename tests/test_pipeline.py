@@ -127,6 +127,7 @@ def test_more_train_samples_and_word_targets(model_dir, prompt_file, tmp_path, m
         PipelineConfig(train_samples_per_prompt=2)
     with pytest.raises(ValueError, match="targets must be one of"):
         PipelineConfig(targets="word")
+    PipelineConfig(targets="offensive-words")  # every kind the trainer knows is accepted
 
 
 def test_cli_targets_match_the_trainer():

@@ -12,7 +12,7 @@ from tiny_models import tiny_model, tiny_tokenizer
 from vsteer_hf.eval.prompts import PromptRecord
 from vsteer_hf.train.extract import extract_features, label_cache
 from vsteer_hf.train.features import FeatureCache, FeatureCacheWriter
-from vsteer_hf.train.targets import prefix_targets, token_spans, word_targets
+from vsteer_hf.train.targets import prefix_targets, token_spans, token_targets, word_targets
 
 
 def _prompts():
@@ -88,6 +88,26 @@ def test_word_targets_give_each_token_its_words_score(tmp_path):
     label_cache(cache, lambda p, g: [float("lovely" in x) for x in g])
     with_label = word_targets(cache, judge, tok, with_label=True)
     assert with_label[1].tolist() == [1.0] * len(with_label[1]) and np.array_equal(with_label[0], targets[0])
+
+
+def test_offensive_word_targets_mark_only_words_over_the_judges_threshold(tmp_path):
+    """A mildly scored word gets 0, not its score, so the head learns nothing from harmless words."""
+    tok = _bpe_tokenizer()
+    cache = _cache_of(tmp_path, tok, ["you idiot, go away!", "idiotic day"])
+    scored = {"idiot": 0.9, "idiotic": 0.6, "away": 0.4}
+
+    def judge(prompts, texts):
+        return [scored.get(t, 0.05) for t in texts]
+
+    soft = word_targets(cache, judge, tok)
+    hard = word_targets(cache, judge, tok, cutoff=0.5)
+    for i in soft:
+        assert hard[i].tolist() == (soft[i] > 0.5).astype(np.float32).tolist()
+    assert {float(v) for row in hard.values() for v in row} == {0.0, 1.0}
+    assert max(soft[0][-4:]) == pytest.approx(0.4) and hard[0][-4:].max() == 0.0  # "away" is not offensive
+    # the pipeline's kind cuts at the judge's threshold it is given
+    strict = token_targets("offensive-words", cache, judge, tok, splits=("train",), judge_threshold=0.7)
+    assert strict[1].max() == 0.0 and strict[0].max() == 1.0  # "idiotic" (0.6) is under 0.7, "idiot" over
 
 
 def _words_overlapping(text, lo, hi):

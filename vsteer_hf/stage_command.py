@@ -40,8 +40,9 @@ class StageCommand:
         train.add_argument("--lr", type=float)
         train.add_argument(
             "--targets",
-            choices=("label", "words", "words+label"),  # vsteer_hf.train.targets.TARGETS, without numpy
-            help="per-token targets: the sequence label (default), the judge's score of each token's word, or both",
+            choices=("label", "words", "words+label", "offensive-words"),  # train.targets.TARGETS, without numpy
+            help="per-token targets: the sequence label (default), the judge's score of each token's word, both, "
+            "or 1 where the judge alone calls the token's word undesirable",
         )
         train.add_argument(
             "--rounds", type=int, help="on-policy rounds: 1 (default) or N > 1 to resample the train prompts under VFD"

@@ -51,8 +51,12 @@ SETTINGS: dict[str, dict[str, Any]] = {
     "prefix-only": {},  # default settings, trained against `prefix_targets(..., with_label=False)`
     "words": {},  # default settings, trained and early-stopped against `token_targets("words", ...)`
     "words+label": {},  # the same with every token of a toxic sequence 1
+    "offensive-words": {},  # word targets cut at the judge's threshold: 1 for an offensive word, else 0
+    "offensive-words-no-coherence": {"coh_weight": 0.0},  # the coherence term smooths risk over tokens
+    "offensive-words-long": {"coh_weight": 0.0, "epochs": 20, "patience": 4},
+    "offensive-words-lr-1e-3": {"coh_weight": 0.0, "lr": 1e-3, "epochs": 20, "patience": 4},
 }
-WORD_TARGETS = ("words", "words+label")  # the pipeline's --targets
+WORD_TARGETS = ("words", "words+label", "offensive-words")  # the pipeline's --targets
 PER_TOKEN_TARGETS = {"prefix-targets": True, "prefix-only": False}  # setting -> with_label
 
 
@@ -123,8 +127,8 @@ def train(args: argparse.Namespace) -> None:
             targets = None
             if setting in PER_TOKEN_TARGETS:
                 targets = _prefix_targets(args, cache, PER_TOKEN_TARGETS[setting])
-            elif setting in WORD_TARGETS:
-                targets = _word_targets(args, cache, setting)
+            elif setting.startswith(WORD_TARGETS):
+                targets = _word_targets(args, cache, next(k for k in reversed(WORD_TARGETS) if setting.startswith(k)))
             result = train_value_head(cache, config, progress=False, token_targets=targets)
             result.head.save_pretrained(out / "heads" / name.replace(":", "-"))
             history, best_epoch, val_auroc = result.history, result.best_epoch, result.val_auroc
@@ -175,7 +179,8 @@ def _word_targets(args: argparse.Namespace, cache: Any, kind: str) -> dict[int, 
 
     config = json.loads((Path(args.r1) / "pipeline.json").read_text())
     began = time.perf_counter()
-    targets = token_targets(kind, cache, get_judge(config["judge"]), load_tokenizer(config["backbone"]))
+    judge, tokenizer = get_judge(config["judge"]), load_tokenizer(config["backbone"])
+    targets = token_targets(kind, cache, judge, tokenizer, judge_threshold=config["judge_threshold"])
     marked = sum(int((t > 0.5).sum()) for t in targets.values())
     total = sum(len(t) for t in targets.values())
     print(f"{kind} targets: {marked} of {total} tokens above 0.5 ({time.perf_counter() - began:.0f} s)")
@@ -275,11 +280,11 @@ def steer(args: argparse.Namespace) -> None:
         rows[key] = row(generate_method("base", model, tokenizer, prompts, settings), None)
         (out / "steer.json").write_text(json.dumps(rows, indent=2) + "\n")
     for name in args.heads.split(","):
-        key = f"{name}@{args.split}"
+        key = f"{name}@{args.split}" + (f"@alpha={args.alpha}" if args.alpha != ALPHA else "")
         if key in rows and not args.force:
             continue
         head = load_value_head(_head_source(args, name))
-        threshold = head.card.threshold if args.card_threshold else round_threshold(head, calibration, ALPHA)
+        threshold = head.card.threshold if args.card_threshold else round_threshold(head, calibration, args.alpha)
         vfd = ValueSteerConfig(head=head, threshold=threshold, num_candidates=8)
         rows[key] = row(generate_method(name, model, tokenizer, prompts, settings, vfd), threshold)
         base = rows[f"base@{args.split}"]
@@ -353,6 +358,7 @@ def main() -> None:
     parser.add_argument("--variants", default=",".join(f"r1:{s}" for s in SETTINGS), help="data:setting,...")
     parser.add_argument("--heads", default="", help="steer: head names under OUT/heads, or a shipped head")
     parser.add_argument("--split", default="validation")
+    parser.add_argument("--alpha", type=float, default=ALPHA, help="steer at this ĉ(α) of each head")
     parser.add_argument("--card-threshold", action="store_true", help="steer at the card's threshold")
     parser.add_argument("--extra-samples", type=int, default=4, help="extra: plain samples added per train prompt")
     parser.add_argument("--force", action="store_true")

@@ -59,8 +59,10 @@ class PipelineConfig:
     only, drawn after the first `samples_per_prompt` of every split (sample indices from there on), so
     training gets more positives while validation and test cost what they did. `targets`: what every
     token is trained towards (see `vsteer_hf.train.targets`): "label" (the sequence label on every
-    token), "words" (the judge's score of the token's word alone) or "words+label" (1 everywhere in an
-    undesirable sequence, else the word score); validation loss and early stopping use the same kind.
+    token), "words" (the judge's score of the token's word alone), "words+label" (1 everywhere in an
+    undesirable sequence, else the word score) or "offensive-words" (1 where the judge alone calls the
+    token's word undesirable at `judge_threshold`, else 0); validation loss and early stopping use the
+    same kind.
     On-policy `rounds` (1: none): each later round samples the train prompts again under VFD with the
     previous round's head (`round_num_candidates` at its ĉ(`round_alpha`)), labels them and retrains
     on the union of all rounds (see `rounds`).
@@ -386,7 +388,10 @@ class Pipeline:
         from vsteer_hf.train.targets import token_targets
 
         tokenizer = load_tokenizer(self.config.backbone, progress=self.progress)
-        return token_targets(self.config.targets, cache, get_judge(self.config.judge), tokenizer)
+        return token_targets(
+            self.config.targets, cache, get_judge(self.config.judge), tokenizer,
+            judge_threshold=self.config.judge_threshold,
+        )
 
     def calibrate(self) -> dict[str, Any]:
         from vsteer_hf.head import ValueHead

@@ -7,7 +7,10 @@ the one that turns the text bad. Both functions here return ``{cache index: floa
 in [0, 1] per token}`` for one split, ready for ``train_value_head(..., token_targets=)``.
 
 - `word_targets`: the judge's score of the word the token belongs to, each word judged alone. Local
-  (a token's target depends on its own word), so a head that reads one state can fit it.
+  (a token's target depends on its own word), so a head that reads one state can fit it. With a
+  `cutoff`, 1 for a word the judge alone calls undesirable and 0 otherwise: the judge scores many
+  harmless words mildly ("women" 0.23, "black" 0.40), and a head fitted to those scores sets its
+  threshold among them and steers away from harmless words.
 - `prefix_targets`: whether the judge already scores the prefix so far undesirable. Cumulative, so the
   head must remember earlier words, which the final post-norm state does poorly (results/smollm2-rtp/
   what_we_tried.md).
@@ -23,7 +26,7 @@ from typing import Any
 import numpy as np
 
 Judge = Callable[[list[str], list[str]], list[float]]
-TARGETS = ("label", "words", "words+label")  # the train stage's --targets choices
+TARGETS = ("label", "words", "words+label", "offensive-words")  # the train stage's --targets choices
 WORD = re.compile(r"\w+")
 
 
@@ -55,13 +58,15 @@ def word_targets(
     split: str = "train",
     with_label: bool = False,
     batch_size: int = 1024,
+    cutoff: float | None = None,
 ) -> dict[int, np.ndarray]:
     """At token t: the highest judge score among the words (``\\w+`` runs of the decoded continuation)
     that token t's text overlaps, each distinct word scored once, alone, with an empty prompt.
 
     For a word-level judge (the toxicity judge is a TF-IDF linear model) this names exactly the tokens
-    that raise its score; a token that is no word's part (punctuation, EOS) gets 0. ``with_label`` also
-    sets every token of a sequence labelled undesirable to 1. Needs the split labelled only then.
+    that raise its score; a token that is no word's part (punctuation, EOS) gets 0. ``cutoff`` turns each
+    word's score into 1 above it and 0 at or below it. ``with_label`` also sets every token of a
+    sequence labelled undesirable to 1. Needs the split labelled only then.
     """
     indices = list(cache.split(split))
     labels = _sequence_labels(cache, indices, split) if with_label else [0.0] * len(indices)
@@ -82,6 +87,8 @@ def word_targets(
             f"the judge gave no verdict (NaN) on {len(unscored)} single words, e.g. {unscored[:3]}; "
             "word targets need a judge that scores any text, such as 'toxicity'"
         )
+    if cutoff is not None:
+        scores = {word: float(score > cutoff) for word, score in scores.items()}
     targets = {}
     for (i, spans, words), label in zip(found, labels, strict=True):
         row = np.full(int(cache.lengths[i]), label, dtype=np.float32)
@@ -94,17 +101,26 @@ def word_targets(
 
 
 def token_targets(
-    kind: str, cache: Any, judge: Judge, tokenizer: Any, splits: Sequence[str] = ("train", "validation")
+    kind: str,
+    cache: Any,
+    judge: Judge,
+    tokenizer: Any,
+    splits: Sequence[str] = ("train", "validation"),
+    judge_threshold: float = 0.5,
 ) -> dict[int, np.ndarray] | None:
     """The pipeline's `targets` option for these splits: None for "label" (the trainer broadcasts the
-    sequence label), else `word_targets`, with the label for "words+label"."""
+    sequence label), else `word_targets`: with the label for "words+label", cut at the judge's own
+    threshold for "offensive-words"."""
     if kind not in TARGETS:
         raise ValueError(f"targets must be one of {list(TARGETS)}, got {kind!r}.")
     if kind == "label":
         return None
+    cutoff = judge_threshold if kind == "offensive-words" else None
     targets: dict[int, np.ndarray] = {}
     for split in splits:
-        targets.update(word_targets(cache, judge, tokenizer, split=split, with_label=kind == "words+label"))
+        targets.update(
+            word_targets(cache, judge, tokenizer, split=split, with_label=kind == "words+label", cutoff=cutoff)
+        )
     return targets
 
 
