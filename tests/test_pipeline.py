@@ -95,9 +95,10 @@ def test_pipeline_dtype_is_stored_and_device_is_not(model_dir, prompt_file, tmp_
     assert calls[-1] == ("bfloat16", None)
 
 
-def test_more_train_samples_and_word_targets(model_dir, prompt_file, tmp_path, monkeypatch):
+def test_more_train_samples_word_targets_and_cross_fitted_calibration(model_dir, prompt_file, tmp_path, monkeypatch):
     """--train-samples-per-prompt adds train samples after every split's first ones (those draws unchanged);
-    --targets words trains and early-stops on the judge's word scores, named in the head card."""
+    --targets offensive-words trains and early-stops on the judge's word verdicts, named in the head card;
+    --calibration-folds 2 fits ĉ(α) on validation's and every train prompt's safe generations."""
     from vsteer_hf.train.features import FeatureCache
     from vsteer_hf.train.pipeline import PipelineConfig
     from vsteer_hf.train.provenance import stage_options
@@ -108,7 +109,7 @@ def test_more_train_samples_and_word_targets(model_dir, prompt_file, tmp_path, m
     plain, more = tmp_path / "plain", tmp_path / "more"
     assert main(["extract", "--workdir", str(plain), *common]) == 0
     assert main(["pipeline", "--workdir", str(more), *common, "--train-samples-per-prompt", "3",
-                 "--targets", "words"]) == 0
+                 "--targets", "offensive-words", "--calibration-folds", "2"]) == 0
     base, extended = FeatureCache(plain / "features"), FeatureCache(more / "features")
     by_key = {(r["prompt_id"], r["sample"]): r for r in extended.records}
     for record in base.records:  # the first pass draws what a run without the option draws
@@ -118,16 +119,27 @@ def test_more_train_samples_and_word_targets(model_dir, prompt_file, tmp_path, m
     assert len(extra) == base.splits["train"] // 2 and len(extended) == len(base) + len(extra)
     training = ValueHead.from_pretrained(more / "head").card.training
     assert training["targets"] == "per-token" and training["val_loss_on"] == "per-token targets"
-    assert training["recipe"]["targets"] == "words"
+    assert training["recipe"]["targets"] == "offensive-words"
+    calibration = json.loads((more / "calibrate.json").read_text())
+    labels = {split: extended.labels(extended.split(split)) for split in ("train", "validation")}
+    assert calibration["n_calibration_safe_out_of_fold"] == labels["train"].count(0.0) > 0
+    assert calibration["n_calibration_safe"] == labels["train"].count(0.0) + labels["validation"].count(0.0)
+    card = ValueHead.from_pretrained(more / "head").card.calibration
+    assert card["split"] == "validation + train cross-fitted over 2 folds" and card["n_safe_out_of_fold"] > 0
     # the defaults leave the fingerprints of folders made before these options unchanged
-    old = {k: v for k, v in PipelineConfig().to_dict().items() if k not in ("targets", "train_samples_per_prompt")}
-    for stage in ("extract", "train"):
+    new_options = ("targets", "train_samples_per_prompt", "calibration_folds")
+    old = {k: v for k, v in PipelineConfig().to_dict().items() if k not in new_options}
+    for stage in ("extract", "train", "calibrate"):
         assert stage_options(old, stage) == stage_options(PipelineConfig().to_dict(), stage)
     with pytest.raises(ValueError, match="train_samples_per_prompt must be an integer >= samples_per_prompt"):
         PipelineConfig(train_samples_per_prompt=2)
     with pytest.raises(ValueError, match="targets must be one of"):
         PipelineConfig(targets="word")
     PipelineConfig(targets="offensive-words")  # every kind the trainer knows is accepted
+    with pytest.raises(ValueError, match="calibration_folds must be 0"):
+        PipelineConfig(calibration_folds=1)
+    with pytest.raises(ValueError, match="calibration_folds needs rounds=1"):
+        PipelineConfig(calibration_folds=4, rounds=2)
 
 
 def test_cli_targets_match_the_trainer():

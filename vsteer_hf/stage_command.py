@@ -45,6 +45,11 @@ class StageCommand:
             "or 1 where the judge alone calls the token's word undesirable",
         )
         train.add_argument(
+            "--calibration-folds",
+            type=int,
+            help="calibrate: also fit ĉ(α) on train, cross-fitted over N >= 2 folds of its prompts (default 0: off)",
+        )
+        train.add_argument(
             "--rounds", type=int, help="on-policy rounds: 1 (default) or N > 1 to resample the train prompts under VFD"
         )
         train.add_argument("--round-alpha", type=float, help="rounds > 1: steer at the previous head's ĉ(α) (0.3)")
@@ -89,6 +94,7 @@ def _pipeline_config(args: argparse.Namespace) -> Any:
         "seed",
         "judge",
         "targets",
+        "calibration_folds",
         "rounds",
         "round_alpha",
         "round_num_candidates",

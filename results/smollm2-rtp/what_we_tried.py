@@ -299,9 +299,8 @@ def calibration(args: argparse.Namespace) -> None:
     """Per head (`--heads`, folders or shipped names): the calibrate stage's table on round 1's splits, and at
     how many α of the grid α lies inside the held-out rate's Wilson interval; writes calibration.json."""
     from vsteer_hf.head import load_value_head
-    from vsteer_hf.train.calibrate import DEFAULT_ALPHAS, calibration_report
+    from vsteer_hf.train.calibrate import DEFAULT_ALPHAS, calibration_report, sequence_max_risks
     from vsteer_hf.train.features import FeatureCache
-    from vsteer_hf.train.pipeline import sequence_max_risks
 
     cache, rows = FeatureCache(Path(args.r1) / "features"), {}
     for name in args.heads.split(","):

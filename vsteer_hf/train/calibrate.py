@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import math
 from collections.abc import Iterable, Sequence
+from typing import Any
 
 import numpy as np
 import torch
@@ -350,3 +351,17 @@ def max_over_trajectory(risks: Tensor, mask: Tensor | None = None, empty: float 
     filled = risks.masked_fill(~valid, -math.inf)  # (B, T)
     out = filled.amax(dim=1) if risks.shape[1] else risks.new_full((risks.shape[0],), -math.inf)
     return torch.where(valid.any(dim=1), out, torch.full_like(out, empty))  # (B,)
+
+
+@torch.no_grad()
+def sequence_max_risks(head: Any, cache: Any, split: str) -> tuple[np.ndarray, np.ndarray]:
+    """Per sequence of `split`: (max over its tokens of the head's risk, binary label)."""
+    scores, labels = [], []
+    for i in cache.split(split):
+        features, record = cache[i]
+        scores.append(float(head.p(features).max()) if len(features) else 0.0)
+        labels.append(float(record.get("label", float("nan"))))
+    labels_arr = np.asarray(labels)
+    if np.isnan(labels_arr).any():
+        raise ValueError(f"split {split!r} has unlabelled generations; run the label stage first.")
+    return np.asarray(scores), labels_arr

@@ -26,9 +26,8 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
-import torch
 
-from vsteer_hf.train.calibrate import DEFAULT_ALPHAS, calibration_report, conformal_curve
+from vsteer_hf.train.calibrate import DEFAULT_ALPHAS, calibration_report, conformal_curve, sequence_max_risks
 from vsteer_hf.train.provenance import Freshness, adopt_legacy_reports, freshness, new_run_id, stage_options
 from vsteer_hf.train.rounds import remove_rounds
 from vsteer_hf.train.targets import TARGETS
@@ -62,7 +61,8 @@ class PipelineConfig:
     token), "words" (the judge's score of the token's word alone), "words+label" (1 everywhere in an
     undesirable sequence, else the word score) or "offensive-words" (1 where the judge alone calls the
     token's word undesirable at `judge_threshold`, else 0); validation loss and early stopping use the
-    same kind.
+    same kind. `calibration_folds` (0: off): fit ĉ(α) on validation's safe generations and, cross-fitted
+    over that many folds of the train prompts, train's (see `crossfit`); needs one round.
     On-policy `rounds` (1: none): each later round samples the train prompts again under VFD with the
     previous round's head (`round_num_candidates` at its ĉ(`round_alpha`)), labels them and retrains
     on the union of all rounds (see `rounds`).
@@ -84,6 +84,7 @@ class PipelineConfig:
     judge_threshold: float = 0.5
     targets: str = "label"
     alphas: tuple[float, ...] = DEFAULT_ALPHAS
+    calibration_folds: int = 0
     sweep_alphas: tuple[float, ...] = (0.9, 0.7, 0.5, 0.3)
     sweep_samples_per_prompt: int = 1
     num_candidates: int = 8
@@ -104,6 +105,14 @@ class PipelineConfig:
             )
         if isinstance(self.rounds, bool) or not isinstance(self.rounds, int) or self.rounds < 1:
             raise ValueError(f"rounds must be an integer >= 1 (1: no on-policy round), got {self.rounds!r}.")
+        folds = self.calibration_folds
+        if isinstance(folds, bool) or not isinstance(folds, int) or folds == 1 or folds < 0:
+            raise ValueError(f"calibration_folds must be 0 (validation only) or an integer >= 2, got {folds!r}.")
+        if folds and self.rounds > 1:
+            raise ValueError(
+                "calibration_folds needs rounds=1: the fold heads would have to repeat every on-policy round; "
+                "set one of the two back to its default."
+            )
         if not 0.0 < float(self.round_alpha) < 1.0:
             raise ValueError(f"round_alpha must lie in (0, 1) (a false-intervention rate), got {self.round_alpha!r}.")
         k = self.round_num_candidates
@@ -354,12 +363,16 @@ class Pipeline:
             return self._finish("train", run_rounds(self))
         return self._finish("train", self.train_head(FeatureCache(self.workdir / "features"), self.workdir / "head"))
 
-    def train_head(self, cache: Any, folder: Path) -> dict[str, Any]:
-        """Train a head on `cache` (a feature cache, or the union of the rounds'), save it to `folder`."""
+    def _fit(self, cache: Any) -> Any:
+        """A `TrainResult`: the recipe's head trained on `cache`'s train split."""
         from vsteer_hf.train.trainer import train_value_head
 
         targets = self._token_targets(cache)
-        result = train_value_head(cache, self.config.train, progress=self.progress, token_targets=targets)
+        return train_value_head(cache, self.config.train, progress=self.progress, token_targets=targets)
+
+    def train_head(self, cache: Any, folder: Path) -> dict[str, Any]:
+        """Train a head on `cache` (a feature cache, or the union of the rounds'), save it to `folder`."""
+        result = self._fit(cache)
         head = result.head
         head.card.training.update(
             {
@@ -401,16 +414,25 @@ class Pipeline:
         cache = FeatureCache(self.workdir / "features")
         head = ValueHead.from_pretrained(self.workdir / "head")
         max_risk = {split: sequence_max_risks(head, cache, split) for split in ("validation", "test")}
-        calib_safe = max_risk["validation"][0][max_risk["validation"][1] == 0]
+        validation_safe = max_risk["validation"][0][max_risk["validation"][1] == 0]
         heldout_safe = max_risk["test"][0][max_risk["test"][1] == 0]
+        folds = self.config.calibration_folds
+        out_of_fold = np.zeros(0)
+        if folds:
+            from vsteer_hf.train.crossfit import out_of_fold_safe_risks
+
+            say = (lambda line: print(line, flush=True)) if self.progress else None
+            out_of_fold = out_of_fold_safe_risks(cache, folds, lambda view: self._fit(view).head, progress=say)
+        calib_safe = np.concatenate([validation_safe, out_of_fold])
         curve = conformal_curve(calib_safe, self.config.alphas)
         table = calibration_report(calib_safe, heldout_safe, self.config.alphas)
         head.card.curve = curve
         head.card.calibration = {
             "method": "conformal",
-            "split": "validation",
+            "split": f"validation + train cross-fitted over {folds} folds" if folds else "validation",
             "n": int(max_risk["validation"][0].size),
             "n_safe": int(calib_safe.size),
+            "n_safe_out_of_fold": int(out_of_fold.size),
             "score": "max over trajectory of p",
             "guarantee": "P(intervene | safe) <= alpha (intervene iff risk >= threshold)",
         }
@@ -430,6 +452,7 @@ class Pipeline:
                 "table": table,
                 "test_auroc_sequence": test_auroc,
                 "n_calibration_safe": int(calib_safe.size),
+                "n_calibration_safe_out_of_fold": int(out_of_fold.size),
                 "n_heldout_safe": int(heldout_safe.size),
             },
         )
@@ -514,17 +537,3 @@ def _split_record(cache: Any) -> dict[str, Any]:
         "generations": cache.splits,
         "prompts": {split: len({cache.records[i]["prompt_id"] for i in cache.split(split)}) for split in cache.splits},
     }
-
-
-@torch.no_grad()
-def sequence_max_risks(head: Any, cache: Any, split: str) -> tuple[np.ndarray, np.ndarray]:
-    """Per sequence of `split`: (max over its tokens of the head's risk, binary label)."""
-    scores, labels = [], []
-    for i in cache.split(split):
-        features, record = cache[i]
-        scores.append(float(head.p(features).max()) if len(features) else 0.0)
-        labels.append(float(record.get("label", float("nan"))))
-    labels_arr = np.asarray(labels)
-    if np.isnan(labels_arr).any():
-        raise ValueError(f"split {split!r} has unlabelled generations; run the label stage first.")
-    return np.asarray(scores), labels_arr

@@ -33,7 +33,7 @@ STAGE_OPTIONS: dict[str, tuple[str, ...]] = {
     ),
     "label": ("judge", "judge_threshold"),
     "train": ("train", "targets", "rounds", "round_alpha", "round_num_candidates"),
-    "calibrate": ("alphas",),
+    "calibrate": ("alphas", "calibration_folds"),
     "sweep": ("sweep_alphas", "sweep_samples_per_prompt", "num_candidates"),
 }
 # Where training runs is the machine's, like the pipeline's --device: it does not define the recipe.
@@ -45,7 +45,7 @@ ROUND_OPTIONS = ("rounds", "round_alpha", "round_num_candidates")
 
 # Options added later, left out of a fingerprint while at the value that reproduces the runs before them,
 # so a work folder made before they existed stays fresh.
-NEUTRAL_VALUES = {"train_samples_per_prompt": None, "targets": "label"}
+NEUTRAL_VALUES = {"train_samples_per_prompt": None, "targets": "label", "calibration_folds": 0}
 
 
 def stage_options(config: dict[str, Any], stage: str) -> dict[str, Any]:

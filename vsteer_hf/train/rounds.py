@@ -103,8 +103,7 @@ class UnionCache(SequenceRecords):
 
 def round_threshold(head: ValueHead, calibration: FeatureCache, alpha: float) -> float:
     """ĉ(alpha) of `head` on the safe validation generations of `calibration`, as the calibrate stage fits it."""
-    from vsteer_hf.train.calibrate import conformal_curve
-    from vsteer_hf.train.pipeline import sequence_max_risks
+    from vsteer_hf.train.calibrate import conformal_curve, sequence_max_risks
 
     scores, labels = sequence_max_risks(head, calibration, "validation")
     return conformal_curve(scores[labels == 0], (alpha,))[alpha]
