@@ -94,6 +94,14 @@ def test_every_option_belongs_to_exactly_one_stage():
     assert sorted(owned) == sorted(f.name for f in dataclasses.fields(PipelineConfig))
 
 
+def test_a_stage_made_before_an_option_existed_reads_it_at_its_neutral_value():
+    from vsteer_hf.train.provenance import freshness
+
+    report = {"fingerprint": {"options": {"alphas": [0.1]}, "inputs": {}}}
+    state = freshness("calibrate", report, {"alphas": [0.1], "calibration_folds": 4}, {})
+    assert state.status == "options" and "calibration_folds=0 (this run: 4)" in state.reason
+
+
 def _strip_fingerprints(workdir):
     """Make `workdir` look as the code before fingerprints left it."""
     for path in workdir.glob("*.json"):

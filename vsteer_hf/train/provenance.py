@@ -80,7 +80,8 @@ def freshness(stage: str, report: dict[str, Any] | None, options: dict[str, Any]
     fingerprint = report.get("fingerprint")
     if fingerprint is None:
         return Freshness("unknown", "it predates option fingerprints and no pipeline.json says what made it")
-    changed = [_describe(name, fingerprint["options"].get(name), value) for name, value in options.items()]
+    made = fingerprint["options"]  # a later option missing from it was at its neutral value
+    changed = [_describe(name, made.get(name, NEUTRAL_VALUES.get(name)), value) for name, value in options.items()]
     dropped = sorted(set(fingerprint["options"]) - set(options))  # e.g. made with rounds=2, now one round
     changed = [c for c in changed if c]
     changed += [f"{name}={fingerprint['options'][name]!r} (this run: unset)" for name in dropped]
