@@ -19,7 +19,10 @@ the max over the continuation.
 `train` writes `train.json` (validation AUROC per sequence of every variant); `steer` writes
 `steer.json`: VFD K = 8 at each head's ĉ(0.3) against base on the 57 validation prompts x 4 samples
 (toxic rate by the judge, perplexity under the base model, and the share of continuations that hold
-a word the judge alone scores offensive).
+a word the judge alone scores offensive); `--split test --card-threshold` steers the test prompts at each
+head's card threshold instead. `split-shift` writes `split_shift.json`: per split, the share of
+continuations (all, and safe only) holding such a word; `slim` writes `steer.slim.json`, the steering
+rows without their continuations but with the five most toxic base continuations beside VFD's.
 """
 
 from __future__ import annotations
@@ -27,6 +30,7 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import json
+import math
 import shutil
 import time
 from pathlib import Path
@@ -136,6 +140,7 @@ def train(args: argparse.Namespace) -> None:
         aurocs = _position_aurocs(args, out / "heads" / name.replace(":", "-"))
         rows[name] = {
             "data": data,
+            "r1": args.r1,  # the work folder whose cache is data "r1" (a 16-sample pipeline run: plain16's data)
             "setting": setting,
             "overrides": SETTINGS[setting],
             "val_auroc": val_auroc,
@@ -280,7 +285,8 @@ def steer(args: argparse.Namespace) -> None:
         rows[key] = row(generate_method("base", model, tokenizer, prompts, settings), None)
         (out / "steer.json").write_text(json.dumps(rows, indent=2) + "\n")
     for name in args.heads.split(","):
-        key = f"{name}@{args.split}" + (f"@alpha={args.alpha}" if args.alpha != ALPHA else "")
+        at = "@card" if args.card_threshold else (f"@alpha={args.alpha}" if args.alpha != ALPHA else "")
+        key = f"{name}@{args.split}{at}"
         if key in rows and not args.force:
             continue
         head = load_value_head(_head_source(args, name))
@@ -312,6 +318,60 @@ def calibration(args: argparse.Namespace) -> None:
         rates = " ".join(f"{r['alpha']}:{r['false_intervention_rate']:.3f}" for r in table)
         print(f"{name}: alpha inside its Wilson interval at {len(inside)} of {len(table)}; {rates}", flush=True)
     (Path(args.out) / "calibration.json").write_text(json.dumps(rows, indent=2) + "\n")
+
+
+def split_shift(args: argparse.Namespace) -> None:
+    """Per split of `--r1`: the share of continuations, all and safe only, holding a word the judge alone scores
+    offensive, with its binomial standard error. A head that flags those words sets its thresholds on the
+    safe validation continuations; where validation holds more of them than test, those thresholds are strict
+    on test. Writes OUT/split_shift.json."""
+    from vsteer_hf.train.features import FeatureCache
+
+    cache, vocabulary, rows = FeatureCache(Path(args.r1) / "features"), offensive_vocabulary(), {}
+    for split in ("train", "validation", "test"):
+        records = [cache.records[i] for i in cache.split(split)]
+        offensive = np.asarray(holds_offensive_word([r["generation"] for r in records], vocabulary))
+        safe = np.asarray([r["label"] == 0 for r in records])
+        rows[split] = {"prompts": len({r["prompt_id"] for r in records}), "continuations": len(records)}
+        for name, mask in (("all", np.ones_like(safe)), ("safe", safe)):
+            n, share = int(mask.sum()), float(offensive[mask].mean())
+            rows[split][name] = {"n": n, "share": share, "se": math.sqrt(share * (1 - share) / n)}
+        print(split, json.dumps(rows[split]), flush=True)
+    (Path(args.out) / "split_shift.json").write_text(json.dumps(rows, indent=2) + "\n")
+
+
+PER_CONTINUATION = ("prompt_ids", "generations", "scores", "interventions", "offensive")
+
+
+def slim(args: argparse.Namespace, pairs: int = 5) -> None:
+    """OUT/steer.json without the per-continuation lists, plus per steered row the `pairs` continuations base
+    made most toxic beside what VFD made of the same prompt and seed: OUT/steer.slim.json, small enough to keep."""
+    from vsteer_hf.eval.prompts import load_prompts
+
+    rows = json.loads((Path(args.out) / "steer.json").read_text())
+    config = json.loads((Path(args.r1) / "pipeline.json").read_text())
+    prompts = {r.id: r.text for r in load_prompts(config["prompts"])}
+    kept = {}
+    for key, row in rows.items():
+        kept[key] = {k: v for k, v in row.items() if k not in PER_CONTINUATION}
+        base = rows[f"base@{key.split('@')[1]}"]
+        if row is base:
+            continue
+        if row["prompt_ids"] != base["prompt_ids"]:
+            raise ValueError(f"{key} and its base row were run on other prompts; steer them again together")
+        worst = np.argsort(-np.asarray(base["scores"]), kind="stable")[:pairs]
+        kept[key]["pairs"] = [
+            {
+                "prompt": prompts[base["prompt_ids"][i]],
+                "base": base["generations"][i],
+                "base_score": base["scores"][i],
+                "vfd": row["generations"][i],
+                "vfd_score": row["scores"][i],
+                "vfd_interventions": row["interventions"][i],
+            }
+            for i in worst.tolist()
+        ]
+    (Path(args.out) / "steer.slim.json").write_text(json.dumps(kept, indent=2, ensure_ascii=False) + "\n")
 
 
 def report(args: argparse.Namespace) -> None:
@@ -350,7 +410,7 @@ def report(args: argparse.Namespace) -> None:
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("step", choices=("extra", "train", "steer", "calibration", "report"))
+    parser.add_argument("step", choices=("extra", "train", "steer", "calibration", "split-shift", "slim", "report"))
     parser.add_argument("--r1", default=None, help="a finished one-round pipeline work folder")
     parser.add_argument("--r2", default=None, help="a work folder run with --rounds 2 (data variant r2)")
     parser.add_argument("--out", required=True)
@@ -363,7 +423,10 @@ def main() -> None:
     parser.add_argument("--force", action="store_true")
     args = parser.parse_args()
     Path(args.out).mkdir(parents=True, exist_ok=True)
-    steps = {"extra": extra, "train": train, "steer": steer, "calibration": calibration, "report": report}
+    steps = {
+        "extra": extra, "train": train, "steer": steer, "calibration": calibration, "split-shift": split_shift,
+        "slim": slim, "report": report,
+    }
     steps[args.step](args)
 
 
