@@ -59,6 +59,8 @@ SETTINGS: dict[str, dict[str, Any]] = {
     "offensive-words-no-coherence": {"coh_weight": 0.0},  # the coherence term smooths risk over tokens
     "offensive-words-long": {"coh_weight": 0.0, "epochs": 20, "patience": 4},
     "offensive-words-lr-1e-3": {"coh_weight": 0.0, "lr": 1e-3, "epochs": 20, "patience": 4},
+    "offensive-words-alpha-pos-0.9": {"alpha_pos": 0.9},  # 1.7% of target tokens are 1: weight them more
+    "offensive-words-alpha-pos-0.95": {"alpha_pos": 0.95},
 }
 WORD_TARGETS = ("words", "words+label", "offensive-words")  # the pipeline's --targets
 PER_TOKEN_TARGETS = {"prefix-targets": True, "prefix-only": False}  # setting -> with_label
