@@ -142,7 +142,7 @@ def train(args: argparse.Namespace) -> None:
         aurocs = _position_aurocs(args, out / "heads" / name.replace(":", "-"))
         rows[name] = {
             "data": data,
-            "r1": args.r1,  # the work folder whose cache is data "r1" (a 16-sample pipeline run: plain16's data)
+            "r1": args.r1,  # the work folder whose cache data "r1" names (runs/ship2 holds 16 train samples)
             "setting": setting,
             "overrides": SETTINGS[setting],
             "val_auroc": val_auroc,

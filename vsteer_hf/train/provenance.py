@@ -82,9 +82,9 @@ def freshness(stage: str, report: dict[str, Any] | None, options: dict[str, Any]
         return Freshness("unknown", "it predates option fingerprints and no pipeline.json says what made it")
     made = fingerprint["options"]  # a later option missing from it was at its neutral value
     changed = [_describe(name, made.get(name, NEUTRAL_VALUES.get(name)), value) for name, value in options.items()]
-    dropped = sorted(set(fingerprint["options"]) - set(options))  # e.g. made with rounds=2, now one round
+    dropped = sorted(set(made) - set(options))  # e.g. made with rounds=2, now one round
     changed = [c for c in changed if c]
-    changed += [f"{name}={fingerprint['options'][name]!r} (this run: unset)" for name in dropped]
+    changed += [f"{name}={made[name]!r} (this run: unset)" for name in dropped]
     if changed:
         return Freshness("options", f"it was made with {'; '.join(changed)}")
     for earlier, run_id in inputs.items():
