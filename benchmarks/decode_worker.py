@@ -16,6 +16,7 @@ import subprocess
 import sys
 import tempfile
 import time
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -40,6 +41,26 @@ def cpu_pressure() -> float | None:
         return None
 
 
+class StepClock:
+    """Streamer that timestamps each `put`: the prompt first, then one per generated token. Steps timed
+    inside one run, so a per-step figure never subtracts two runs' noise. `sync` waits for the device."""
+
+    def __init__(self, sync: Callable[[], None]) -> None:
+        self.sync = sync
+        self.times: list[float] = []
+
+    def put(self, value: Any) -> None:
+        self.sync()
+        self.times.append(time.perf_counter())
+
+    def end(self) -> None:
+        pass
+
+    def step_ms(self) -> list[float]:
+        """Milliseconds between consecutive generated tokens (the prompt's put dropped)."""
+        return [1e3 * (b - a) for a, b in itertools.pairwise(self.times[1:])]
+
+
 def worker(spec: dict[str, Any]) -> None:
     """Serve one configuration: build the model, then answer `warmup` / `repeat` / `finish` lines on stdin
     with one JSON line each on the original stdout (anything a library prints goes to stderr)."""
@@ -58,19 +79,6 @@ def worker(spec: dict[str, Any]) -> None:
     def sync() -> None:
         if device.type == "cuda":
             torch.cuda.synchronize()
-
-    class StepClock:
-        """Streamer that timestamps each `put`: the prompt first, then one per generated token."""
-
-        def __init__(self) -> None:
-            self.times: list[float] = []
-
-        def put(self, value: torch.Tensor) -> None:
-            sync()
-            self.times.append(time.perf_counter())
-
-        def end(self) -> None:
-            pass
 
     def run(max_new_tokens: int, clock: StepClock | None = None) -> tuple[float, torch.Tensor, int | None]:
         kwargs: dict[str, Any] = {"value_steer": steer} if steer is not None else {}
@@ -129,11 +137,10 @@ def worker(spec: dict[str, Any]) -> None:
         elif command == "repeat":
             loadavg, pressure = os.getloadavg()[0], cpu_pressure()
             ttft, _, _ = run(1)
-            clock = StepClock()
+            clock = StepClock(sync)
             start = time.perf_counter()
             total, _, _ = run(new, clock)
-            token_times = clock.times[1:]  # drop the prompt's put
-            steps = [1e3 * (b - a) for a, b in itertools.pairwise(token_times)]
+            token_times, steps = clock.times[1:], clock.step_ms()  # token_times: the prompt's put dropped
             reply(
                 {
                     "ttft_s": ttft,

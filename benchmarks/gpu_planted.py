@@ -5,7 +5,8 @@ fixed random direction w of the post-norm hidden state: risk >= 0.5 exactly when
 (1 - rate) quantile of w·h over the states of plain sampled continuations of the same prompts, so about
 `rate` of the states the model visits are flagged (checked on a held-out plain run and reported). Plain
 sampled generate and VFD K=8 on every candidate path of `vsteer_hf.config.CANDIDATE_PATHS` run in one
-process, repeats interleaved; reported: ms per decode step ((t(N) - t(1)) / (N - 1)), its ratio to plain,
+process, repeats interleaved; reported: ms per decode step ((t(N) - t(1)) / (N - 1), timestamps of one
+run's first and last generated token), its ratio to plain,
 peak `max_memory_allocated` (CUDA) and its ratio, and interventions per token.
 
     python benchmarks/gpu_planted.py --out results/                     # mistral-7b-shape, bf16, CUDA
@@ -26,6 +27,7 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))  # bench_decode: the benchmark backbones, one place
 from bench_decode import MODELS
+from decode_worker import StepClock
 
 from vsteer_hf import ValueHead, ValueSteerConfig, enable_value_steer
 from vsteer_hf.config import CANDIDATE_PATHS
@@ -136,11 +138,11 @@ def main(argv: list[str] | None = None) -> int:
         runs = {name: {"step_ms": [], "peak_mib": [], "interventions": []} for name in methods}
         for repeat in range(args.repeats + 1):  # repeat 0 warms up
             for name, steer in methods.items():
-                first, _ = timed(model, ids, 1, steer, device)
-                total, out = timed(model, ids, args.new_tokens, steer, device)
+                clock = StepClock(lambda: torch.cuda.synchronize(device) if device.type == "cuda" else None)
+                _, out = timed(model, ids, args.new_tokens, steer, device, clock)
                 if repeat == 0:
                     continue
-                runs[name]["step_ms"].append(1e3 * (total - first) / (args.new_tokens - 1))
+                runs[name]["step_ms"].append(1e3 * (clock.times[-1] - clock.times[1]) / (args.new_tokens - 1))
                 if device.type == "cuda":
                     runs[name]["peak_mib"].append(torch.cuda.max_memory_allocated(device) / 2**20)
                 if steer is not None:
@@ -183,8 +185,11 @@ def main(argv: list[str] | None = None) -> int:
     return 1 if failed else 0
 
 
-def timed(model: Any, ids: torch.Tensor, new_tokens: int, steer: Any, device: torch.device) -> tuple[float, Any]:
-    """Seconds for one sampled generate of exactly `new_tokens` (EOS suppressed), and its output."""
+def timed(
+    model: Any, ids: torch.Tensor, new_tokens: int, steer: Any, device: torch.device, clock: StepClock | None = None
+) -> tuple[float, Any]:
+    """Seconds for one sampled generate of exactly `new_tokens` (EOS suppressed), and its output; `clock`
+    (a streamer) timestamps its tokens."""
     extra = {"value_steer": steer} if steer is not None else {}
     if device.type == "cuda":
         torch.cuda.synchronize()
@@ -199,6 +204,7 @@ def timed(model: Any, ids: torch.Tensor, new_tokens: int, steer: Any, device: to
         max_new_tokens=new_tokens,
         min_new_tokens=new_tokens,
         return_dict_in_generate=True,
+        streamer=clock,
         **extra,
     )
     if device.type == "cuda":
