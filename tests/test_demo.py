@@ -19,7 +19,14 @@ def test_shipped_head_card_is_complete():
     assert card.curve and sorted(card.curve) == sorted(set(card.curve))
     assert card.training["judge"] == "toxicity" and card.training["prompts"] == "rtp"
     assert "val_auroc" in card.training and "threshold_sweep" in card.training
-    assert card.calibration["split"] == "validation"
+    # the recipe the README names for the shipped head (issue 16), as the card records it
+    recipe = card.training["recipe"]
+    made = (recipe["targets"], recipe["train_samples_per_prompt"], recipe["calibration_folds"])
+    assert made == ("offensive-words", 16, 4)
+    assert card.calibration["split"] == "validation + train cross-fitted over 4 folds"
+    sweep = card.training["threshold_sweep"]
+    (chosen,) = [row for row in sweep["rows"] if row.get("alpha") == sweep["chosen_alpha"]]
+    assert card.threshold == pytest.approx(chosen["threshold"])
 
 
 @pytest.mark.slow

@@ -41,7 +41,7 @@ import numpy as np
 from vsteer_hf.train.trainer import TrainConfig
 
 ALPHA = 0.3  # the shipped card's operating point
-DATA = ("r1", "r2", "plain8", "plain16")  # plainN: round 1 plus OUT/extra, N plain samples per train prompt
+DATA = ("r1", "r2", "plain8", "plain16", "plain32")  # plainN: round 1 plus OUT/extra, N plain samples per train prompt
 SETTINGS: dict[str, dict[str, Any]] = {
     "default": {},
     "bce": {"gamma": 0.0},
@@ -72,13 +72,14 @@ def _caches(args: argparse.Namespace, data: str) -> list[Any]:
     caches = [FeatureCache(Path(args.r1) / "features")]
     if data == "r2":
         caches.append(FeatureCache(Path(args.r2) / "round-2" / "features"))
-    elif data in ("plain8", "plain16"):
+    elif data.startswith("plain"):
         caches.append(FeatureCache(Path(args.out) / "extra" / "features"))
     return caches
 
 
 def extra(args: argparse.Namespace) -> None:
-    """Plain samples 4..7 of every train prompt, labelled: what samples_per_prompt 8 adds to training."""
+    """More plain samples of every train prompt, labelled, after the ones `--r1` holds (samples 4..7 of a
+    4-sample folder: what samples_per_prompt 8 adds to training; 16..31 of a 16-sample one)."""
     from vsteer_hf.backbones import load_backbone
     from vsteer_hf.eval.judges import get_judge
     from vsteer_hf.eval.prompts import load_prompts
@@ -93,7 +94,7 @@ def extra(args: argparse.Namespace) -> None:
         load_prompts(config["prompts"], split="train", limit=config["limit"]),
         Path(args.out) / "extra" / "features",
         samples_per_prompt=args.extra_samples,
-        first_sample=config["samples_per_prompt"],
+        first_sample=config.get("train_samples_per_prompt") or config["samples_per_prompt"],
         max_new_tokens=config["max_new_tokens"],
         batch_size=config["batch_size"],
         seed=config["seed"],
