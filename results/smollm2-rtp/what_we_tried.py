@@ -323,6 +323,45 @@ def calibration(args: argparse.Namespace) -> None:
     (Path(args.out) / "calibration.json").write_text(json.dumps(rows, indent=2) + "\n")
 
 
+def crossfit(args: argparse.Namespace) -> None:
+    """Per `--heads` variant trained here (DATA-SETTING): its ĉ(α) fitted as `--calibration-folds 4` fits it,
+    on validation's safe max risks plus train's, each train prompt scored by a head trained the same way
+    without its fold; the held-out table on test, and a copy of the head with that curve and ĉ(ALPHA) as its
+    card threshold (OUT/heads/NAME-cf, for `steer --card-threshold`). Writes OUT/crossfit.json."""
+    from vsteer_hf.head import load_value_head
+    from vsteer_hf.train.calibrate import DEFAULT_ALPHAS, calibration_report, conformal_curve, sequence_max_risks
+    from vsteer_hf.train.crossfit import out_of_fold_safe_risks
+    from vsteer_hf.train.rounds import UnionCache
+    from vsteer_hf.train.trainer import train_value_head
+
+    out = Path(args.out)
+    rows = json.loads((out / "crossfit.json").read_text()) if (out / "crossfit.json").is_file() else {}
+    for name in args.heads.split(","):
+        data, setting = name.split("-", 1)
+        cache = UnionCache(_caches(args, data))
+        targets = _word_targets(args, cache, setting) if setting.startswith(WORD_TARGETS) else None
+        config = dataclasses.replace(TrainConfig(device="cpu"), **SETTINGS[setting])
+        began = time.perf_counter()
+        def fit(view: Any, config: TrainConfig = config, targets: Any = targets) -> Any:
+            return train_value_head(view, config, progress=False, token_targets=targets).head
+
+        out_of_fold = out_of_fold_safe_risks(cache, 4, fit)
+        head = load_value_head(out / "heads" / name)
+        (val, val_y), (test, test_y) = (sequence_max_risks(head, cache, s) for s in ("validation", "test"))
+        calib = np.concatenate([val[val_y == 0], out_of_fold])
+        table = calibration_report(calib, test[test_y == 0], DEFAULT_ALPHAS)
+        inside = [r["alpha"] for r in table if r["wilson_low"] <= r["alpha"] <= r["wilson_high"]]
+        head.card.curve = conformal_curve(calib, DEFAULT_ALPHAS)
+        head.card.threshold = head.card.threshold_for_alpha(ALPHA)
+        head.save_pretrained(out / "heads" / f"{name}-cf")
+        rows[name] = {"n_safe": int(calib.size), "n_safe_out_of_fold": int(out_of_fold.size),
+                      "threshold": head.card.threshold, "alphas_inside": inside, "table": table,
+                      "seconds": round(time.perf_counter() - began, 1)}
+        inside_count = f"{len(inside)} of {len(table)}"
+        print(f"{name}: ĉ({ALPHA}) = {head.card.threshold:.3f}; alpha inside at {inside_count}", flush=True)
+        (out / "crossfit.json").write_text(json.dumps(rows, indent=2) + "\n")
+
+
 def split_shift(args: argparse.Namespace) -> None:
     """Per split of `--r1`: the share of continuations, all and safe only, holding a word the judge alone scores
     offensive, with its binomial standard error. A head that flags those words sets its thresholds on the
@@ -413,7 +452,8 @@ def report(args: argparse.Namespace) -> None:
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("step", choices=("extra", "train", "steer", "calibration", "split-shift", "slim", "report"))
+    steps = ("extra", "train", "steer", "calibration", "crossfit", "split-shift", "slim", "report")
+    parser.add_argument("step", choices=steps)
     parser.add_argument("--r1", default=None, help="a finished one-round pipeline work folder")
     parser.add_argument("--r2", default=None, help="a work folder run with --rounds 2 (data variant r2)")
     parser.add_argument("--out", required=True)
@@ -427,8 +467,8 @@ def main() -> None:
     args = parser.parse_args()
     Path(args.out).mkdir(parents=True, exist_ok=True)
     steps = {
-        "extra": extra, "train": train, "steer": steer, "calibration": calibration, "split-shift": split_shift,
-        "slim": slim, "report": report,
+        "extra": extra, "train": train, "steer": steer, "calibration": calibration, "crossfit": crossfit,
+        "split-shift": split_shift, "slim": slim, "report": report,
     }
     steps[args.step](args)
 
