@@ -23,6 +23,8 @@ a word the judge alone scores offensive); `--split test --card-threshold` steers
 head's card threshold instead. `split-shift` writes `split_shift.json`: per split, the share of
 continuations (all, and safe only) holding such a word; `slim` writes `steer.slim.json`, the steering
 rows without their continuations but with the five most toxic base continuations beside VFD's.
+`crossfit` fits a trained variant's ĉ(α) as `--calibration-folds 4` does and writes `crossfit.json` and the
+head with that curve as OUT/heads/NAME-cf.
 """
 
 from __future__ import annotations
