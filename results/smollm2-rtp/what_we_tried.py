@@ -331,8 +331,7 @@ def crossfit(args: argparse.Namespace) -> None:
     without its fold; the held-out table on test, and a copy of the head with that curve and ĉ(ALPHA) as its
     card threshold (OUT/heads/NAME-cf, for `steer --card-threshold`). Writes OUT/crossfit.json."""
     from vsteer_hf.head import load_value_head
-    from vsteer_hf.train.calibrate import DEFAULT_ALPHAS, calibration_report, conformal_curve, sequence_max_risks
-    from vsteer_hf.train.crossfit import out_of_fold_safe_risks
+    from vsteer_hf.train.calibrate import DEFAULT_ALPHAS, calibrate_head
     from vsteer_hf.train.rounds import UnionCache
     from vsteer_hf.train.trainer import train_value_head
 
@@ -344,21 +343,21 @@ def crossfit(args: argparse.Namespace) -> None:
         targets = _word_targets(args, cache, setting) if setting.startswith(WORD_TARGETS) else None
         config = dataclasses.replace(TrainConfig(device="cpu"), **SETTINGS[setting])
         began = time.perf_counter()
+
         def fit(view: Any, config: TrainConfig = config, targets: Any = targets) -> Any:
             return train_value_head(view, config, progress=False, token_targets=targets).head
 
-        out_of_fold = out_of_fold_safe_risks(cache, 4, fit)
         head = load_value_head(out / "heads" / name)
-        (val, val_y), (test, test_y) = (sequence_max_risks(head, cache, s) for s in ("validation", "test"))
-        calib = np.concatenate([val[val_y == 0], out_of_fold])
-        table = calibration_report(calib, test[test_y == 0], DEFAULT_ALPHAS)
-        inside = [r["alpha"] for r in table if r["wilson_low"] <= r["alpha"] <= r["wilson_high"]]
-        head.card.curve = conformal_curve(calib, DEFAULT_ALPHAS)
+        report = calibrate_head(head, cache, DEFAULT_ALPHAS, folds=4, fit=fit)  # what the calibrate stage runs
         head.card.threshold = head.card.threshold_for_alpha(ALPHA)
         head.save_pretrained(out / "heads" / f"{name}-cf")
-        rows[name] = {"n_safe": int(calib.size), "n_safe_out_of_fold": int(out_of_fold.size),
-                      "threshold": head.card.threshold, "alphas_inside": inside, "table": table,
-                      "seconds": round(time.perf_counter() - began, 1)}
+        table = report["table"]
+        inside = [r["alpha"] for r in table if r["wilson_low"] <= r["alpha"] <= r["wilson_high"]]
+        rows[name] = {
+            "n_safe": report["n_calibration_safe"], "n_safe_out_of_fold": report["n_calibration_safe_out_of_fold"],
+            "threshold": head.card.threshold, "alphas_inside": inside, "table": table,
+            "seconds": round(time.perf_counter() - began, 1),
+        }
         inside_count = f"{len(inside)} of {len(table)}"
         print(f"{name}: ĉ({ALPHA}) = {head.card.threshold:.3f}; alpha inside at {inside_count}", flush=True)
         (out / "crossfit.json").write_text(json.dumps(rows, indent=2) + "\n")

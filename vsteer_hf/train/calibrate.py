@@ -17,7 +17,7 @@ for that rule, ties included (see `conformal_threshold`).
 from __future__ import annotations
 
 import math
-from collections.abc import Iterable, Sequence
+from collections.abc import Callable, Iterable, Sequence
 from typing import Any
 
 import numpy as np
@@ -365,3 +365,61 @@ def sequence_max_risks(head: Any, cache: Any, split: str) -> tuple[np.ndarray, n
     if np.isnan(labels_arr).any():
         raise ValueError(f"split {split!r} has unlabelled generations; run the label stage first.")
     return np.asarray(scores), labels_arr
+
+
+def calibrate_head(
+    head: Any,
+    cache: Any,
+    alphas: Iterable[float] = DEFAULT_ALPHAS,
+    folds: int = 0,
+    fit: Callable[[Any], Any] | None = None,
+    progress: Callable[[str], None] | None = None,
+) -> dict[str, Any]:
+    """Fit `head`'s ĉ(α) on the safe validation generations' max risks and, with `folds` >= 2, on the safe
+    train generations' too, cross-fitted (`vsteer_hf.train.crossfit`: each fold scored by `fit(view)`, a head
+    trained the same way without it); measure it on test's safe generations.
+
+    Writes the curve, the calibration record and the test AUROC into `head.card` (the caller saves the head)
+    and returns the calibrate stage's report. The one place the pipeline and any re-calibration run share.
+    """
+    from vsteer_hf.train.trainer import auroc
+
+    alphas = list(alphas)
+    max_risk = {split: sequence_max_risks(head, cache, split) for split in ("validation", "test")}
+    validation_safe = max_risk["validation"][0][max_risk["validation"][1] == 0]
+    heldout_safe = max_risk["test"][0][max_risk["test"][1] == 0]
+    out_of_fold = np.zeros(0)
+    if folds:
+        from vsteer_hf.train.crossfit import out_of_fold_safe_risks
+
+        if fit is None:
+            raise ValueError("calibrate_head: folds > 0 needs fit(view), the trainer of the fold heads.")
+        out_of_fold = out_of_fold_safe_risks(cache, folds, fit, progress=progress)
+    calib_safe = np.concatenate([validation_safe, out_of_fold])
+    curve = conformal_curve(calib_safe, alphas)
+    table = calibration_report(calib_safe, heldout_safe, alphas)
+    test_auroc = auroc(*max_risk["test"])
+    head.card.curve = curve
+    head.card.calibration = {
+        "method": "conformal",
+        "split": f"validation + train cross-fitted over {folds} folds" if folds else "validation",
+        "n": int(max_risk["validation"][0].size),
+        "n_safe": int(calib_safe.size),
+        "n_safe_out_of_fold": int(out_of_fold.size),
+        "score": "max over trajectory of p",
+        "guarantee": "P(intervene | safe) <= alpha (intervene iff risk >= threshold)",
+        "heldout": {
+            "split": "test",
+            "n_safe": int(heldout_safe.size),
+            "false_intervention_rate": {str(r["alpha"]): r["false_intervention_rate"] for r in table},
+        },
+    }
+    head.card.training["test_auroc_sequence"] = test_auroc
+    return {
+        "curve": {str(a): t for a, t in curve.items()},
+        "table": table,
+        "test_auroc_sequence": test_auroc,
+        "n_calibration_safe": int(calib_safe.size),
+        "n_calibration_safe_out_of_fold": int(out_of_fold.size),
+        "n_heldout_safe": int(heldout_safe.size),
+    }

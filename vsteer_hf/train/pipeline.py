@@ -27,7 +27,7 @@ from typing import Any
 
 import numpy as np
 
-from vsteer_hf.train.calibrate import DEFAULT_ALPHAS, calibration_report, conformal_curve, sequence_max_risks
+from vsteer_hf.train.calibrate import DEFAULT_ALPHAS, calibrate_head
 from vsteer_hf.train.provenance import Freshness, adopt_legacy_reports, freshness, new_run_id, stage_options
 from vsteer_hf.train.rounds import remove_rounds
 from vsteer_hf.train.targets import TARGETS
@@ -409,53 +409,15 @@ class Pipeline:
     def calibrate(self) -> dict[str, Any]:
         from vsteer_hf.head import ValueHead
         from vsteer_hf.train.features import FeatureCache
-        from vsteer_hf.train.trainer import auroc
 
         cache = FeatureCache(self.workdir / "features")
         head = ValueHead.from_pretrained(self.workdir / "head")
-        max_risk = {split: sequence_max_risks(head, cache, split) for split in ("validation", "test")}
-        validation_safe = max_risk["validation"][0][max_risk["validation"][1] == 0]
-        heldout_safe = max_risk["test"][0][max_risk["test"][1] == 0]
-        folds = self.config.calibration_folds
-        out_of_fold = np.zeros(0)
-        if folds:
-            from vsteer_hf.train.crossfit import out_of_fold_safe_risks
-
-            say = (lambda line: print(line, flush=True)) if self.progress else None
-            out_of_fold = out_of_fold_safe_risks(cache, folds, lambda view: self._fit(view).head, progress=say)
-        calib_safe = np.concatenate([validation_safe, out_of_fold])
-        curve = conformal_curve(calib_safe, self.config.alphas)
-        table = calibration_report(calib_safe, heldout_safe, self.config.alphas)
-        head.card.curve = curve
-        head.card.calibration = {
-            "method": "conformal",
-            "split": f"validation + train cross-fitted over {folds} folds" if folds else "validation",
-            "n": int(max_risk["validation"][0].size),
-            "n_safe": int(calib_safe.size),
-            "n_safe_out_of_fold": int(out_of_fold.size),
-            "score": "max over trajectory of p",
-            "guarantee": "P(intervene | safe) <= alpha (intervene iff risk >= threshold)",
-        }
-        test_scores, test_labels = max_risk["test"]
-        test_auroc = auroc(test_scores, test_labels)
-        head.card.calibration["heldout"] = {
-            "split": "test",
-            "n_safe": int(heldout_safe.size),
-            "false_intervention_rate": {str(r["alpha"]): r["false_intervention_rate"] for r in table},
-        }
-        head.card.training["test_auroc_sequence"] = test_auroc
-        head.save_pretrained(self.workdir / "head")
-        return self._finish(
-            "calibrate",
-            {
-                "curve": {str(a): t for a, t in curve.items()},
-                "table": table,
-                "test_auroc_sequence": test_auroc,
-                "n_calibration_safe": int(calib_safe.size),
-                "n_calibration_safe_out_of_fold": int(out_of_fold.size),
-                "n_heldout_safe": int(heldout_safe.size),
-            },
+        say = (lambda line: print(line, flush=True)) if self.progress else None
+        report = calibrate_head(
+            head, cache, self.config.alphas, self.config.calibration_folds, lambda view: self._fit(view).head, say
         )
+        head.save_pretrained(self.workdir / "head")
+        return self._finish("calibrate", report)
 
     def sweep(self) -> dict[str, Any]:
         from vsteer_hf import ValueSteerConfig, enable_value_steer
