@@ -22,7 +22,7 @@ def test_shipped_head_card_is_complete():
     # the recipe the README names for the shipped head (issue 16), as the card records it
     recipe = card.training["recipe"]
     made = (recipe["targets"], recipe["train_samples_per_prompt"], recipe["calibration_folds"])
-    assert made == ("offensive-words", 16, 4)
+    assert made == ("offensive-words", 32, 4)
     assert card.calibration["split"] == "validation + train cross-fitted over 4 folds"
     sweep = card.training["threshold_sweep"]
     (chosen,) = [row for row in sweep["rows"] if row.get("alpha") == sweep["chosen_alpha"]]
