@@ -24,6 +24,7 @@ def test_shipped_head_card_is_complete():
     made = (recipe["targets"], recipe["train_samples_per_prompt"], recipe["calibration_folds"])
     assert made == ("offensive-words", 32, 4)
     assert card.calibration["split"] == "validation + train cross-fitted over 4 folds"
+    assert card.calibration["fold_head_epochs"] == card.training["best_epoch"] + 1  # fold heads as the final head
     sweep = card.training["threshold_sweep"]
     (chosen,) = [row for row in sweep["rows"] if row.get("alpha") == sweep["chosen_alpha"]]
     assert card.threshold == pytest.approx(chosen["threshold"])

@@ -99,13 +99,22 @@ def test_more_train_samples_word_targets_and_cross_fitted_calibration(model_dir,
     """--train-samples-per-prompt adds train samples after every split's first ones (those draws unchanged);
     --targets offensive-words trains and early-stops on the judge's word verdicts, named in the head card;
     --calibration-folds 2 fits ĉ(α) on validation's and every train prompt's safe generations."""
+    from vsteer_hf.train import trainer
     from vsteer_hf.train.features import FeatureCache
     from vsteer_hf.train.pipeline import PipelineConfig
     from vsteer_hf.train.provenance import stage_options
 
     monkeypatch.setattr("vsteer_hf.eval.judges.get_judge", lambda name, **kw: _judge_by_token)
+    trained_with = []  # the exact_epochs of every head the pipeline trains, final head first
+    train = trainer.train_value_head
+
+    def recording(cache, cfg, **kw):
+        trained_with.append(cfg.exact_epochs)
+        return train(cache, cfg, **kw)
+
+    monkeypatch.setattr(trainer, "train_value_head", recording)
     common = ["--backbone", str(model_dir), "--prompts", str(prompt_file), "--samples-per-prompt", "2",
-              "--max-new-tokens", "6", "--batch-size", "16", "--epochs", "2"]
+              "--max-new-tokens", "6", "--batch-size", "16", "--epochs", "3"]
     plain, more = tmp_path / "plain", tmp_path / "more"
     assert main(["extract", "--workdir", str(plain), *common]) == 0
     assert main(["pipeline", "--workdir", str(more), *common, "--train-samples-per-prompt", "3",
@@ -126,6 +135,9 @@ def test_more_train_samples_word_targets_and_cross_fitted_calibration(model_dir,
     assert calibration["n_calibration_safe"] == labels["train"].count(0.0) + labels["validation"].count(0.0)
     card = ValueHead.from_pretrained(more / "head").card.calibration
     assert card["split"] == "validation + train cross-fitted over 2 folds" and card["n_safe_out_of_fold"] > 0
+    # the fold heads train for the epochs the final head kept, not early-stopped afresh
+    kept = json.loads((more / "train.json").read_text())["best_epoch"] + 1
+    assert trained_with == [None, kept, kept] and calibration["fold_head_epochs"] == card["fold_head_epochs"] == kept
     # the defaults leave the fingerprints of folders made before these options unchanged
     new_options = ("targets", "train_samples_per_prompt", "calibration_folds")
     old = {k: v for k, v in PipelineConfig().to_dict().items() if k not in new_options}

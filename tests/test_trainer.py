@@ -85,6 +85,27 @@ def test_early_stopping_restores_the_best_epoch_on_noise(tmp_path):
     assert float(loss) == pytest.approx(result.history[result.best_epoch]["val_loss"], rel=1e-5)
 
 
+def test_exact_epochs_runs_that_many_of_the_schedule_and_keeps_the_last(tmp_path):
+    """The fold heads' setting: on noise, where patience 1 stops early and keeps an earlier epoch,
+    exact_epochs runs its epochs anyway, on the full-length LR schedule, the same steps as the free run,
+    and returns the last epoch's head."""
+    cache = _cache(tmp_path, n_train=32, n_val=32, signal=0.0)
+    free = train_value_head(cache, _cfg(epochs=30, lr=3e-2, batch_size=32, patience=1), progress=False)
+    assert free.stopped_early and free.best_epoch < len(free.history) - 1
+    n = len(free.history) + 2
+    exact = train_value_head(cache, _cfg(epochs=30, lr=3e-2, batch_size=32, patience=1, exact_epochs=n), progress=False)
+    assert len(exact.history) == n and exact.best_epoch == n - 1 and not exact.stopped_early
+    assert exact.history[: len(free.history)] == free.history  # same schedule, same batches, same losses
+    val = cache.split("validation")
+    feats = torch.nn.utils.rnn.pad_sequence([cache[i][0] for i in val], batch_first=True)
+    mask = torch.nn.utils.rnn.pad_sequence([torch.ones(len(cache[i][0])) for i in val], batch_first=True)
+    loss = value_head_loss(exact.head.logit(feats), torch.tensor(cache.labels(val)), mask)
+    assert float(loss) == pytest.approx(exact.history[-1]["val_loss"], rel=1e-5)
+    for bad in (0, 31):
+        with pytest.raises(ValueError, match=f"exact_epochs={bad}"):
+            _cfg(epochs=30, exact_epochs=bad)
+
+
 def test_schedule_values():
     # total 10 steps, 2 warm-up steps: 1/3, 2/3, peak 1 at step 2, then (10 - s)/8
     got = [linear_warmup_decay(s, 10, 2) for s in range(10)]

@@ -3,14 +3,16 @@
 Cross-fitting scores each train fold's safe generations with a head trained without that fold and lets those
 scores stand in for the final head's. If the fold heads score safe text higher than the final head does, the
 low quantiles of the calibration scores (the thresholds at high α) come out too high and the final head
-intervenes less often than α there. For each fold count this trains the fold heads exactly as the calibrate
-stage does, then scores the test split's safe generations (which no head saw) with every fold head and with
+intervenes less often than α there. For each fold count this trains the fold heads as the calibrate stage
+does, then scores the test split's safe generations (which no head saw) with every fold head and with
 the final head, refits ĉ(α) from validation + the out-of-fold scores, and measures it on test.
-`--epochs-as-final` trains each fold head for the number of epochs the final head kept and keeps the last one,
-instead of early-stopping it on validation.
+`--fold-training recipe` (the calibrate stage since 2026-12-05) trains each fold head for the epochs the final
+head kept and keeps the last; `early-stopped` (the stage before) lets each early-stop on validation and keep
+its best epoch, as the final head itself was trained.
 
-    python results/smollm2-rtp/fold_check.py --work runs/ship3 --folds 4,8 --out results/smollm2-rtp/fold_check.json
-    python results/smollm2-rtp/fold_check.py --work runs/ship3 --folds 4 --epochs-as-final \
+    python results/smollm2-rtp/fold_check.py --work runs/ship3 --folds 4,8 --fold-training early-stopped \
+        --out results/smollm2-rtp/fold_check.json
+    python results/smollm2-rtp/fold_check.py --work runs/ship3 --folds 4 \
         --out results/smollm2-rtp/fold_check.epochs-as-final.json
 """
 
@@ -19,7 +21,6 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import json
-import math
 import time
 from pathlib import Path
 
@@ -32,6 +33,10 @@ from vsteer_hf.train.features import FeatureCache
 from vsteer_hf.train.pipeline import Pipeline, PipelineConfig
 
 QUANTILES = (0.1, 0.2, 0.3, 0.5, 0.7, 0.9)
+FOLD_TRAINING = {
+    "recipe": "for the final head's epochs, last kept",
+    "early-stopped": "early-stopped on validation, best epoch kept",
+}
 TABLE_KEYS = ("alpha", "threshold", "false_interventions", "false_intervention_rate", "wilson_low", "wilson_high")
 
 
@@ -40,21 +45,19 @@ def quantiles(scores: np.ndarray) -> dict[str, float]:
 
 
 def check(
-    work: Path, folds: int, final_test_safe: np.ndarray, validation_safe: np.ndarray, fixed_epochs: int | None
+    work: Path, folds: int, final_test_safe: np.ndarray, validation_safe: np.ndarray, exact_epochs: int | None
 ) -> dict:
-    """Fold heads of `work`'s recipe for `folds` folds: their test scores, best epochs and the refitted curve.
-    `fixed_epochs`: train each for that many epochs and keep the last (a val-loss drop of more than -inf
-    always counts, so neither early stopping nor best-epoch selection acts)."""
+    """Fold heads of `work`'s recipe for `folds` folds: their test scores, kept epochs and the refitted curve.
+    `exact_epochs`: train each for that many epochs and keep the last (None: early-stop, keep the best)."""
     config = PipelineConfig.from_dict(json.loads((work / "pipeline.json").read_text()))
-    if fixed_epochs is not None:
-        config.train = dataclasses.replace(config.train, epochs=fixed_epochs, min_delta=-math.inf)
+    fold_config = dataclasses.replace(config.train, exact_epochs=exact_epochs)
     pipeline = Pipeline(work, config, progress=False)
     cache = FeatureCache(work / "features")
     train = cache.split("train")
     out_of_fold, heads, start = [], [], time.time()
     for k, fold in enumerate(prompt_folds([cache.records[i]["prompt_id"] for i in train], folds)):
         view = HeldOutFold(cache, fold)
-        result = pipeline._fit(view)
+        result = pipeline._fit(view, fold_config)
         risks, labels = sequence_max_risks(result.head, view, HELD_OUT)
         out_of_fold.append(risks[labels == 0])
         test_risks, test_labels = sequence_max_risks(result.head, cache, "test")
@@ -82,7 +85,12 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--work", type=Path, default=Path("runs/ship3"), help="the pipeline folder of the head")
     parser.add_argument("--folds", default="4,8", help="fold counts, comma-separated")
-    parser.add_argument("--epochs-as-final", action="store_true", help="fold heads train the final head's epochs")
+    parser.add_argument(
+        "--fold-training",
+        choices=("recipe", "early-stopped"),
+        default="recipe",
+        help="recipe: the final head's epochs, last kept; early-stopped: the calibrate stage before 2026-12-05",
+    )
     parser.add_argument("--out", type=Path, default=Path(__file__).with_name("fold_check.json"))
     args = parser.parse_args()
     final = ValueHead.from_pretrained(args.work / "head")
@@ -99,10 +107,10 @@ def main() -> None:
             "test_safe_quantiles": quantiles(final_test_safe),
             "n_test_safe": int(final_test_safe.size),
         },
-        "fold_heads_trained": "for the final head's epochs, last kept" if args.epochs_as_final else "as the recipe",
+        "fold_heads_trained": FOLD_TRAINING[args.fold_training],
         "folds": {},
     }
-    fixed = train_epochs["best_epoch"] + 1 if args.epochs_as_final else None
+    fixed = train_epochs["best_epoch"] + 1 if args.fold_training == "recipe" else None
     for folds in (int(f) for f in args.folds.split(",")):
         report["folds"][str(folds)] = check(args.work, folds, final_test_safe, validation_safe, fixed)
         args.out.write_text(json.dumps(report, indent=1) + "\n")

@@ -326,10 +326,11 @@ def calibration(args: argparse.Namespace) -> None:
 
 
 def crossfit(args: argparse.Namespace) -> None:
-    """Per `--heads` variant trained here (DATA-SETTING): its ĉ(α) fitted as `--calibration-folds 4` fits it,
-    on validation's safe max risks plus train's, each train prompt scored by a head trained the same way
-    without its fold; the held-out table on test, and a copy of the head with that curve and ĉ(ALPHA) as its
-    card threshold (OUT/heads/NAME-cf, for `steer --card-threshold`). Writes OUT/crossfit.json."""
+    """Per `--heads` variant trained here (DATA-SETTING): its ĉ(α) fitted as `--calibration-folds 4` fitted it
+    before 2026-12-05, on validation's safe max risks plus train's, each train prompt scored by a head trained
+    the same way (early-stopped) without its fold; the held-out table on test, and a copy of the head with that
+    curve and ĉ(ALPHA) as its card threshold (OUT/heads/NAME-cf, for `steer --card-threshold`). Writes
+    OUT/crossfit.json."""
     from vsteer_hf.head import load_value_head
     from vsteer_hf.train.calibrate import DEFAULT_ALPHAS, calibrate_head
     from vsteer_hf.train.rounds import UnionCache
@@ -348,7 +349,7 @@ def crossfit(args: argparse.Namespace) -> None:
             return train_value_head(view, config, progress=False, token_targets=targets).head
 
         head = load_value_head(out / "heads" / name)
-        report = calibrate_head(head, cache, DEFAULT_ALPHAS, folds=4, fit=fit)  # what the calibrate stage runs
+        report = calibrate_head(head, cache, DEFAULT_ALPHAS, folds=4, fit=fit)  # the stage before 2026-12-05
         head.card.threshold = head.card.threshold_for_alpha(ALPHA)
         head.save_pretrained(out / "heads" / f"{name}-cf")
         table = report["table"]

@@ -9,7 +9,10 @@ Cross-fitting adds the train split. Its prompts are dealt into folds. For each f
 same way on the other folds scores the held-out fold's safe generations, and those scores join
 validation's. Every score comes from a head that never saw that prompt. The fold heads stand in for the
 final head, trained on all folds, as in cross-conformal prediction. So the guarantee is approximate and
-holds as long as one fold more of data changes the head little.
+holds as long as one fold more of data changes the head little. The pipeline therefore trains them for the
+epochs the final head kept rather than letting each early-stop anew: on the SmolLM2 RTP run, fold heads that
+stopped earlier scored safe text higher than the final head and made the high-α thresholds too strict
+(results/smollm2-rtp/fold_check.py).
 """
 
 from __future__ import annotations
@@ -66,8 +69,8 @@ def out_of_fold_safe_risks(
 ) -> np.ndarray:
     """Max risk of every safe train sequence, each scored by a head `fit` trained with its fold held out.
 
-    `fit(view)` trains a head on `view`'s train split (and early-stops on its validation split) exactly as the
-    final head is trained, and returns it.
+    `fit(view)` trains a head on `view`'s train split as the final head was trained (the pipeline: for the
+    epochs it kept) and returns it.
     """
     from vsteer_hf.train.calibrate import sequence_max_risks
 

@@ -21,7 +21,7 @@ from __future__ import annotations
 import json
 import shutil
 import time
-from dataclasses import asdict, dataclass, field, fields
+from dataclasses import asdict, dataclass, field, fields, replace
 from pathlib import Path
 from typing import Any
 
@@ -363,12 +363,12 @@ class Pipeline:
             return self._finish("train", run_rounds(self))
         return self._finish("train", self.train_head(FeatureCache(self.workdir / "features"), self.workdir / "head"))
 
-    def _fit(self, cache: Any) -> Any:
-        """A `TrainResult`: the recipe's head trained on `cache`'s train split."""
+    def _fit(self, cache: Any, config: TrainConfig | None = None) -> Any:
+        """A `TrainResult`: the recipe's head (or one trained by `config`) on `cache`'s train split."""
         from vsteer_hf.train.trainer import train_value_head
 
         targets = self._token_targets(cache)
-        return train_value_head(cache, self.config.train, progress=self.progress, token_targets=targets)
+        return train_value_head(cache, config or self.config.train, progress=self.progress, token_targets=targets)
 
     def train_head(self, cache: Any, folder: Path) -> dict[str, Any]:
         """Train a head on `cache` (a feature cache, or the union of the rounds'), save it to `folder`."""
@@ -413,9 +413,16 @@ class Pipeline:
         cache = FeatureCache(self.workdir / "features")
         head = ValueHead.from_pretrained(self.workdir / "head")
         say = (lambda line: print(line, flush=True)) if self.progress else None
+        # the fold heads stand in for the final head, so they train for the epochs it kept: left to early-stop
+        # on less data, some keep an earlier epoch, score safe text higher and make high-α thresholds strict
+        folds = self.config.calibration_folds
+        kept = self.report("train")["best_epoch"] + 1 if folds else None
+        fold_config = replace(self.config.train, exact_epochs=kept)
         report = calibrate_head(
-            head, cache, self.config.alphas, self.config.calibration_folds, lambda view: self._fit(view).head, say
+            head, cache, self.config.alphas, folds, lambda view: self._fit(view, fold_config).head, say
         )
+        if folds:
+            report["fold_head_epochs"] = head.card.calibration["fold_head_epochs"] = kept
         head.save_pretrained(self.workdir / "head")
         return self._finish("calibrate", report)
 

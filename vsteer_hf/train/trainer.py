@@ -39,6 +39,9 @@ class TrainConfig:
     ``max_grad_norm`` (1.0; None = no clipping).
     Loss (`value_head_loss`, reduction "sequence"): ``alpha_pos`` 0.7, ``gamma`` 1.0, ``coh_weight`` 0.1.
     Early stopping: ``patience`` 2 epochs without a validation-loss drop of more than ``min_delta`` (0).
+    ``exact_epochs`` (None: early stopping as above): run exactly that many epochs of the ``epochs``-long
+    schedule and keep the last, neither stopping early nor picking the best; the cross-fitted fold heads use
+    it to repeat the final head's training rather than re-decide it on less data.
     Data: ``max_tokens`` (None = all; else each sequence's first max_tokens tokens), ``seed`` (0: head
     init and shuffling; the global RNG is left alone).
     Runtime: ``device`` "auto" (accelerate's choice: a GPU if visible) or "cpu".
@@ -55,6 +58,9 @@ class TrainConfig:
     coh_weight: float = field(default=0.1, metadata={"help": "weight of the TD-coherence penalty"})
     patience: int | None = field(default=2, metadata={"help": "epochs without improvement before stopping"})
     min_delta: float = field(default=0.0, metadata={"help": "a val-loss drop must exceed this to count"})
+    exact_epochs: int | None = field(
+        default=None, metadata={"help": "run exactly this many epochs of the schedule and keep the last"}
+    )
     max_tokens: int | None = field(default=None, metadata={"help": "truncate sequences to this many tokens"})
     seed: int = field(default=0, metadata={"help": "seeds head init and batch order"})
     device: str = field(default="auto", metadata={"help": "'auto' (accelerate) or 'cpu'"})
@@ -68,6 +74,7 @@ class TrainConfig:
             "warmup_frac": 0 <= self.warmup_frac < 1,
             "max_grad_norm": self.max_grad_norm is None or self.max_grad_norm > 0,
             "patience": self.patience is None or self.patience >= 1,
+            "exact_epochs": self.exact_epochs is None or 1 <= self.exact_epochs <= self.epochs,
             "max_tokens": self.max_tokens is None or self.max_tokens >= 1,
         }
         bad = [k for k, ok in checks.items() if not ok]
@@ -299,7 +306,7 @@ def train_value_head(
     rng = np.random.default_rng(cfg.seed)
     history: list[dict[str, float]] = []
     best_loss, best_epoch, best_state, bad_epochs, stopped = math.inf, -1, None, 0, False
-    epochs = tqdm(range(cfg.epochs), desc="epochs", disable=not show)
+    epochs = tqdm(range(cfg.exact_epochs or cfg.epochs), desc="epochs", disable=not show)
     for epoch in epochs:
         head.train()
         order = rng.permutation(len(train_idx))
@@ -325,8 +332,9 @@ def train_value_head(
             row["val_loss"] = math.nan
         history.append(row)
         epochs.set_postfix(train_loss=f"{row['train_loss']:.4f}", val_loss=f"{row['val_loss']:.4f}")
-        # without validation the last epoch is the best
-        if not val_idx or best_state is None or row["val_loss"] < best_loss - cfg.min_delta:
+        # without validation, or with exact_epochs, the last epoch is the one kept
+        keep_last = not val_idx or cfg.exact_epochs is not None
+        if keep_last or best_state is None or row["val_loss"] < best_loss - cfg.min_delta:
             best_loss, best_epoch, bad_epochs = row["val_loss"], epoch, 0
             best_state = {k: v.detach().cpu().clone() for k, v in model.state_dict().items()}
         else:
