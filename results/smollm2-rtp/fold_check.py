@@ -1,4 +1,4 @@
-"""Why the cross-fitted calibration of the shipped head misses at high α: a check, not part of the recipe.
+"""Why the runs/ship3 head's cross-fitted calibration missed at high α: the check behind the fold-head rule.
 
 Cross-fitting scores each train fold's safe generations with a head trained without that fold and lets those
 scores stand in for the final head's. If the fold heads score safe text higher than the final head does, the
