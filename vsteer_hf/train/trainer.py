@@ -306,6 +306,7 @@ def train_value_head(
     rng = np.random.default_rng(cfg.seed)
     history: list[dict[str, float]] = []
     best_loss, best_epoch, best_state, bad_epochs, stopped = math.inf, -1, None, 0, False
+    keep_last = not val_idx or cfg.exact_epochs is not None  # else the best epoch by validation loss is kept
     epochs = tqdm(range(cfg.exact_epochs or cfg.epochs), desc="epochs", disable=not show)
     for epoch in epochs:
         head.train()
@@ -332,8 +333,6 @@ def train_value_head(
             row["val_loss"] = math.nan
         history.append(row)
         epochs.set_postfix(train_loss=f"{row['train_loss']:.4f}", val_loss=f"{row['val_loss']:.4f}")
-        # without validation, or with exact_epochs, the last epoch is the one kept
-        keep_last = not val_idx or cfg.exact_epochs is not None
         if keep_last or best_state is None or row["val_loss"] < best_loss - cfg.min_delta:
             best_loss, best_epoch, bad_epochs = row["val_loss"], epoch, 0
             best_state = {k: v.detach().cpu().clone() for k, v in model.state_dict().items()}
