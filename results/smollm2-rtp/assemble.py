@@ -10,6 +10,13 @@ then labels, trains, calibrates and sweeps:
 
     python assemble.py --first runs/r1 --second runs/exp16/extra --work runs/ship
     vsteer pipeline --workdir runs/ship --train-samples-per-prompt 16 --targets words
+
+Without `--second` it copies only the first pass of `--first` (samples 0..3 of every prompt; the same draws
+at any train-samples-per-prompt) and the pipeline draws the second pass itself:
+
+    python assemble.py --first runs/ship3 --work runs/ship64 --train-samples-per-prompt 64 \
+        --targets offensive-words --calibration-folds 4
+    vsteer pipeline --workdir runs/ship64
 """
 
 from __future__ import annotations
@@ -21,17 +28,19 @@ import tempfile
 from pathlib import Path
 
 
-def copy_cache(source: Path, writer) -> int:
+def copy_cache(source: Path, writer, below_sample: int | None = None) -> int:
+    """Copy `source`'s sequences (only samples below `below_sample`, if given) in their order."""
     from vsteer_hf.train.features import FeatureCache
 
     cache = FeatureCache(source / "features" if (source / "features").is_dir() else source)
-    for i in range(len(cache)):
+    keep = [i for i in range(len(cache)) if below_sample is None or cache.records[i]["sample"] < below_sample]
+    for i in keep:
         features, record = cache[i]
         writer.add(features, {k: v for k, v in record.items() if k != "label"})  # the label stage relabels
-    generations = (cache.directory / "generations.jsonl").read_text()
+    lines = (cache.directory / "generations.jsonl").read_text().splitlines(keepends=True)
     with open(writer.directory / "generations.jsonl", "a", encoding="utf-8") as out:
-        out.write(generations)
-    return len(cache)
+        out.writelines(line for line in lines if below_sample is None or json.loads(line)["sample"] < below_sample)
+    return len(keep)
 
 
 def redraw_matches(config, work: Path, train_only: bool) -> bool:
@@ -65,20 +74,31 @@ def main() -> None:
 
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--first", required=True, help="work folder of the first pass (vsteer extract)")
-    parser.add_argument("--second", required=True, help="cache folder of the train prompts' extra samples")
+    parser.add_argument(
+        "--second", help="cache folder of the train prompts' extra samples (default: copy --first's first pass only)"
+    )
     parser.add_argument("--work", required=True, help="the new work folder")
     parser.add_argument("--train-samples-per-prompt", type=int, default=16)
     parser.add_argument("--targets", default="words")
+    parser.add_argument("--calibration-folds", type=int, default=0)
     args = parser.parse_args()
     first, work = Path(args.first), Path(args.work)
     stored = json.loads((first / "pipeline.json").read_text())
     config = dataclasses.replace(
-        PipelineConfig.from_dict(stored), train_samples_per_prompt=args.train_samples_per_prompt, targets=args.targets
+        PipelineConfig.from_dict(stored),
+        train_samples_per_prompt=args.train_samples_per_prompt,
+        targets=args.targets,
+        calibration_folds=args.calibration_folds,
     )
     source = FeatureCache(first / "features")
     with FeatureCacheWriter(work / "features", source.hidden_size, meta=source.meta["meta"]) as writer:
-        counts = [copy_cache(first, writer), copy_cache(Path(args.second), writer)]
-    checks = {"first pass": redraw_matches(config, work, False), "second pass": redraw_matches(config, work, True)}
+        if args.second:
+            counts = [copy_cache(first, writer), copy_cache(Path(args.second), writer)]
+        else:
+            counts = [copy_cache(first, writer, below_sample=config.samples_per_prompt), 0]
+    checks = {"first pass": redraw_matches(config, work, False)}
+    if args.second:
+        checks["second pass"] = redraw_matches(config, work, True)
     print(f"copied {counts[0]} + {counts[1]} sequences; first batch drawn again matches: {checks}")
     if not all(checks.values()):
         raise SystemExit("a pass drawn again differs from its cache: do not assemble, run the pipeline instead")
