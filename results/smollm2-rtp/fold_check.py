@@ -48,7 +48,9 @@ def check(
     work: Path, folds: int, final_test_safe: np.ndarray, validation_safe: np.ndarray, exact_epochs: int | None
 ) -> dict:
     """Fold heads of `work`'s recipe for `folds` folds: their test scores, kept epochs and the refitted curve.
-    `exact_epochs`: train each for that many epochs and keep the last (None: early-stop, keep the best)."""
+    `exact_epochs`: train each for that many epochs and keep the last (None: early-stop, keep the best).
+    Each fold head also scores validation's safe generations beside the final head (`validation_safe`): the
+    same comparison without reading test."""
     config = PipelineConfig.from_dict(json.loads((work / "pipeline.json").read_text()))
     fold_config = dataclasses.replace(config.train, exact_epochs=exact_epochs)
     pipeline = Pipeline(work, config, progress=False)
@@ -62,6 +64,8 @@ def check(
         out_of_fold.append(risks[labels == 0])
         test_risks, test_labels = sequence_max_risks(result.head, cache, "test")
         test_safe = test_risks[test_labels == 0]
+        val_risks, val_labels = sequence_max_risks(result.head, cache, "validation")
+        val_safe = val_risks[val_labels == 0]
         heads.append(
             {
                 "fold": k + 1,
@@ -69,6 +73,7 @@ def check(
                 "epochs_run": len(result.history),
                 "test_safe_quantiles": quantiles(test_safe),
                 "share_of_test_safe_scored_higher_than_final": float(np.mean(test_safe > final_test_safe)),
+                "share_of_validation_safe_scored_higher_than_final": float(np.mean(val_safe > validation_safe)),
             }
         )
         print(f"folds={folds} fold {k + 1}: {heads[-1]}  ({time.time() - start:.0f} s)", flush=True)
