@@ -1,11 +1,12 @@
-"""Why the runs/ship3 head's cross-fitted calibration missed at high α: the check behind the fold-head rule.
+"""Why a cross-fitted calibration misses at high α (runs/ship3's too cautious, runs/ship64's too eager).
 
 Cross-fitting scores each train fold's safe generations with a head trained without that fold and lets those
 scores stand in for the final head's. If the fold heads score safe text higher than the final head does, the
 low quantiles of the calibration scores (the thresholds at high α) come out too high and the final head
-intervenes less often than α there. For each fold count this trains the fold heads as the calibrate stage
-does, then scores the test split's safe generations (which no head saw) with every fold head and with
-the final head, refits ĉ(α) from validation + the out-of-fold scores, and measures it on test.
+intervenes less often than α there; lower, and it intervenes more often. For each fold count this trains the
+fold heads as the calibrate stage does, then scores the test split's safe generations (which no head saw)
+with every fold head and with the final head, refits ĉ(α) from validation + the out-of-fold scores, and
+measures it on test.
 `--fold-training recipe` (the calibrate stage since 2026-12-05) trains each fold head for the epochs the final
 head kept and keeps the last; `early-stopped` (the stage before) lets each early-stop on validation and keep
 its best epoch, as the final head itself was trained.
@@ -14,6 +15,8 @@ its best epoch, as the final head itself was trained.
         --out results/smollm2-rtp/fold_check.json
     python results/smollm2-rtp/fold_check.py --work runs/ship3 --folds 4 \
         --out results/smollm2-rtp/fold_check.epochs-as-final.json
+    python results/smollm2-rtp/fold_check.py --work runs/ship64 --folds 4 \
+        --out results/smollm2-rtp/fold_check.ship64.json
 """
 
 from __future__ import annotations
